@@ -1,0 +1,530 @@
+"""Policy losses: NFT (paper Eq. 10), RFT, GRPO (Eq. 3-4), Dr. GRPO, DAPO and InfoNCA (App. B).
+
+One ``nn.Module`` per algorithm, each built by Hydra from ``configs/algorithm/<name>.yaml``. Every loss takes
+the per-token log-probs of the response tokens under the current policy and a :class:`LossBatch`, and returns
+a scalar already normalised by the counts of the *whole optimizer step* (all gradient-accumulation
+micro-batches and all data-parallel ranks), so that summing the gradients of the micro-batches gives exactly
+the gradient of the full mini-batch. Semantics and defaults follow ``ALGORITHMS.md`` (the authors' released
+code and verl's DAPO recipe).
+
+Shapes: ``B`` answers in the micro-batch, ``T`` response tokens (right-padded, ``response_mask`` marks real ones).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum-constant"]
+Omega = Literal["uniform", "dr_grpo", "grpo"]
+AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum-constant")
+OMEGAS: tuple[str, ...] = ("uniform", "dr_grpo", "grpo")
+
+
+def group_stats(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and Bessel-corrected std of each answer's whole group, broadcast back to the answers.
+
+    rewards [B] float, group_ids [B] int -> (group_mean [B], group_std [B]). For binary rewards the mean is
+    r̂_q, the correctness rate of the question. A group of one answer has no unbiased std; it gets 0 (its
+    advantage is 0 anyway).
+    """
+    if rewards.shape != group_ids.shape or rewards.dim() != 1:
+        raise ValueError(
+            f"group_stats: rewards and group_ids must both be 1-D of the same length, got "
+            f"{tuple(rewards.shape)} and {tuple(group_ids.shape)}"
+        )
+    rewards = rewards.to(torch.float64)  # float64: the std of near-identical rewards must not round to noise
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    counts = counts.to(torch.float64)
+    sums = torch.zeros_like(counts).index_add_(0, inverse, rewards)
+    mean = sums / counts
+    centred_sq = (rewards - mean[inverse]) ** 2
+    sq_sums = torch.zeros_like(counts).index_add_(0, inverse, centred_sq)
+    var = torch.where(counts > 1, sq_sums / (counts - 1).clamp(min=1), torch.zeros_like(sq_sums))
+    return mean[inverse].float(), var.sqrt()[inverse].float()
+
+
+def group_sizes(group_ids: Tensor) -> Tensor:
+    """Number of answers in each answer's group, [B] -> [B] (float, as stored in LossBatch.group_size)."""
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    return counts[inverse].float()
+
+
+@dataclass
+class LossBatch:
+    """Everything a loss needs besides the current log-probs.
+
+    The ``num_*`` normalisers are counts over the whole optimizer step (every micro-batch on every rank); the
+    training loop fills them in. Left as ``None`` they default to this batch's own counts, which is right when
+    the batch *is* the whole step.
+    """
+
+    old_logprobs: Tensor  # [B, T] log π_old of the sampled tokens (temperature-scaled)
+    response_mask: Tensor  # [B, T] 1 for response tokens, 0 for padding
+    rewards: Tensor  # [B]
+    group_ids: Tensor  # [B] answers of the same prompt share an id
+    group_mean: Tensor  # [B] r̂_q (mean reward of the answer's whole group)
+    group_std: Tensor  # [B] Bessel-corrected std of the whole group
+    group_size: Tensor | None = None  # [B] K of the answer's group (InfoNCA checks groups are whole)
+    ref_logprobs: Tensor | None = None  # [B, T] frozen reference policy, only for a KL penalty
+    num_tokens: float | None = None  # response tokens in the optimizer step
+    num_sequences: float | None = None  # answers in the optimizer step
+    num_groups: float | None = None  # prompts (groups) in the optimizer step
+
+    @classmethod
+    def from_rewards(
+        cls,
+        old_logprobs: Tensor,
+        response_mask: Tensor,
+        rewards: Tensor,
+        group_ids: Tensor,
+        **kwargs: object,
+    ) -> LossBatch:
+        """Build a batch whose group statistics are computed from these rewards (the batch holds whole groups)."""
+        mean, std = group_stats(rewards, group_ids)
+        return cls(
+            old_logprobs=old_logprobs,
+            response_mask=response_mask,
+            rewards=rewards,
+            group_ids=group_ids,
+            group_mean=mean,
+            group_std=std,
+            group_size=group_sizes(group_ids),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def token_count(self) -> float:
+        return float(self.response_mask.sum()) if self.num_tokens is None else float(self.num_tokens)
+
+    def sequence_count(self) -> float:
+        return float(self.rewards.numel()) if self.num_sequences is None else float(self.num_sequences)
+
+    def group_count(self) -> float:
+        return float(torch.unique(self.group_ids).numel()) if self.num_groups is None else float(self.num_groups)
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar
+    metrics: dict[str, Tensor] = field(default_factory=dict)  # detached scalars, this micro-batch's values
+
+
+def aggregate(token_loss: Tensor, batch: LossBatch, agg: str, constant: float) -> Tensor:
+    """Reduce a [B, T] token loss to the step-normalised scalar (ALGORITHMS.md, "Aggregation").
+
+    Every mode is a sum of per-token (or per-sequence) terms over a normaliser fixed for the whole optimizer
+    step, which is what makes gradient accumulation and data parallelism exact.
+    """
+    mask = batch.response_mask.to(token_loss.dtype)
+    masked = token_loss * mask
+    if agg == "token-mean":
+        return masked.sum() / max(batch.token_count(), 1.0)
+    if agg == "seq-mean-token-mean":
+        per_seq = masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
+        return per_seq.sum() / max(batch.sequence_count(), 1.0)
+    if agg == "seq-mean-token-sum-norm":
+        return masked.sum() / (max(batch.sequence_count(), 1.0) * constant)
+    if agg == "sum-constant":
+        return masked.sum() / constant
+    raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+
+
+def omega_weight(r_hat: Tensor, omega: str) -> Tensor:
+    """Prompt weight ω(q) of Eq. 10 (paper Sec. 5.4): uniform 1, Dr. GRPO 1 − r̂, GRPO sqrt((1 − r̂)/r̂)."""
+    if omega == "uniform":
+        return torch.ones_like(r_hat)
+    if omega == "dr_grpo":
+        return 1.0 - r_hat
+    if omega == "grpo":
+        return torch.sqrt((1.0 - r_hat) / r_hat)
+    raise ValueError(f"omega must be one of {OMEGAS}, got {omega!r}")
+
+
+def straight_through_log_max(x: Tensor, floor: float) -> Tensor:
+    """log max_v(x, floor) of Algorithm 1: value log(max(x, floor)), gradient ∂x / max(x, floor).
+
+    Written as value + (x − x.detach()) / max(x, floor) rather than log(x + (max(x, floor) − x).detach()):
+    the literal form cancels catastrophically in float32 when x is a large negative number (1 − r̂R can
+    reach −1e6 with R = e^10), rounding the log's argument to 0 and the loss to −inf.
+    """
+    clamped = x.detach().clamp(min=floor)
+    return clamped.log() + (x - x.detach()) / clamped
+
+
+def _masked_stats(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    sel = values.detach()[mask]
+    if sel.numel() == 0:
+        zero = values.new_zeros(())
+        return zero, zero, zero
+    return sel.mean(), sel.min(), sel.max()
+
+
+def _masked_frac(flags: Tensor, mask: Tensor) -> Tensor:
+    count = mask.sum()
+    return (flags & mask).sum().float() / count.clamp(min=1).float()
+
+
+class PolicyLoss(nn.Module):
+    """Base class: input checks shared by every loss. Subclasses implement ``forward``."""
+
+    requires_binary_rewards: bool = False
+    requires_whole_groups: bool = False
+    agg: str
+    kl_coef: float = 0.0
+
+    def _check_agg(self, agg: str, agg_constant: float) -> None:
+        if agg not in AGGREGATIONS:
+            raise ValueError(f"{type(self).__name__}: agg must be one of {AGGREGATIONS}, got {agg!r}")
+        if not agg_constant > 0:
+            raise ValueError(f"{type(self).__name__}: agg_constant must be > 0, got {agg_constant}")
+
+    def validate_batch(self, batch: LossBatch) -> None:
+        """Raise ValueError naming the field when the batch cannot be trained on by this loss."""
+        name = type(self).__name__
+        b, t = batch.old_logprobs.shape
+        if batch.response_mask.shape != (b, t):
+            raise ValueError(f"{name}: response_mask {tuple(batch.response_mask.shape)} != old_logprobs {(b, t)}")
+        for field_name in ("rewards", "group_ids", "group_mean", "group_std"):
+            value = getattr(batch, field_name)
+            if value.shape != (b,):
+                raise ValueError(f"{name}: LossBatch.{field_name} must have shape ({b},), got {tuple(value.shape)}")
+        if not torch.isfinite(batch.rewards).all():
+            raise ValueError(f"{name}: LossBatch.rewards contains NaN/inf")
+        if self.requires_binary_rewards:
+            if not ((batch.rewards == 0) | (batch.rewards == 1)).all():
+                bad = batch.rewards[(batch.rewards != 0) & (batch.rewards != 1)][:3].tolist()
+                raise ValueError(
+                    f"{name} needs binary rewards in {{0, 1}} (paper Eq. 10), got e.g. {bad}; "
+                    "disable reward shaping (algorithm.overlong_buffer=null) for this algorithm"
+                )
+            r_hat = batch.group_mean
+            if not ((r_hat > 0) & (r_hat < 1)).all():
+                bad = r_hat[(r_hat <= 0) | (r_hat >= 1)][:3].tolist()
+                raise ValueError(
+                    f"{name} needs every group's correctness rate r̂_q strictly inside (0, 1) (the implicit "
+                    f"negative policy divides by 1 − r̂_q), got e.g. {bad}; keep dynamic sampling on "
+                    "(algorithm.dynamic_sampling=true) so all-correct and all-wrong groups are filtered"
+                )
+        if self.requires_whole_groups:
+            if batch.group_size is None:
+                raise ValueError(f"{name} needs LossBatch.group_size to check that every group is whole")
+            present = group_sizes(batch.group_ids)
+            if not torch.equal(present, batch.group_size.to(present.dtype)):
+                raise ValueError(
+                    f"{name} needs whole groups in every micro-batch: found groups with "
+                    f"{present.unique().tolist()} answers, expected {batch.group_size.unique().tolist()}; "
+                    "make micro_batch_size a multiple of K (algorithm.num_answers)"
+                )
+        if self.kl_coef > 0 and batch.ref_logprobs is None:
+            raise ValueError(f"{name}: kl_coef={self.kl_coef} > 0 needs LossBatch.ref_logprobs")
+
+
+class NFTLoss(PolicyLoss):
+    """Negative-aware Fine-Tuning, paper Eq. 10 and Algorithm 1.
+
+    ℓ_t = −ω(q)·[ r·log R_t + (1 − r)·log max_v((1 − r̂_q R_t)/(1 − r̂_q), ε) ],  R_t = π_θ/π_old per token.
+
+    Positive answers do maximum likelihood on π_θ; negative answers do maximum likelihood on the implicit
+    negative policy π⁻_θ = (π_old − r̂ π_θ)/(1 − r̂) (Eq. 7-8), whose ratio is clipped from below at ε with
+    a straight-through gradient so the loss stays finite when r̂R > 1.
+
+    Args:
+        epsilon: ε, floor of the negative ratio (paper default 1.0; Fig. 10 ablates it).
+        omega: ω(q) (Sec. 5.4): "uniform", "dr_grpo" (1 − r̂, default, Dr. GRPO-equivalent on-policy) or
+            "grpo" (sqrt((1 − r̂)/r̂), GRPO-equivalent on-policy, Prop. 4.2).
+        agg: aggregation over the optimizer step; agg_constant: the constant of the *-constant/-norm modes.
+        log_ratio_cap: log R is clamped at this value before exp (released code: 10).
+        r_hat_min, r_hat_max: r̂_q is clipped into this range before use (released code: [0.02, 0.98]).
+        positive_ratio_floor: optional straight-through floor on positive ratios, bounding the positive
+            weight 1/R at 1/floor (released code option; 0 = off).
+    """
+
+    requires_binary_rewards = True
+    use_negatives: bool = True
+
+    def __init__(
+        self,
+        epsilon: float = 1.0,
+        omega: Omega = "dr_grpo",
+        agg: Aggregation = "token-mean",
+        agg_constant: float = 1000.0,
+        log_ratio_cap: float = 10.0,
+        r_hat_min: float = 0.02,
+        r_hat_max: float = 0.98,
+        positive_ratio_floor: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not epsilon > 0:
+            raise ValueError(f"{type(self).__name__}: epsilon must be > 0 (log of the clipped ratio), got {epsilon}")
+        if omega not in OMEGAS:
+            raise ValueError(f"{type(self).__name__}: omega must be one of {OMEGAS}, got {omega!r}")
+        if not 0 < r_hat_min <= r_hat_max < 1:
+            raise ValueError(f"r_hat_min/r_hat_max must satisfy 0 < min <= max < 1, got {r_hat_min}, {r_hat_max}")
+        if positive_ratio_floor < 0:
+            raise ValueError(f"positive_ratio_floor must be >= 0, got {positive_ratio_floor}")
+        self._check_agg(agg, agg_constant)
+        self.epsilon = epsilon
+        self.omega = omega
+        self.agg = agg
+        self.agg_constant = agg_constant
+        self.log_ratio_cap = log_ratio_cap
+        self.r_hat_min = r_hat_min
+        self.r_hat_max = r_hat_max
+        self.positive_ratio_floor = positive_ratio_floor
+
+    def forward(self, logprobs: Tensor, batch: LossBatch) -> LossOutput:
+        self.validate_batch(batch)
+        mask = batch.response_mask.bool()
+        log_ratio = (logprobs - batch.old_logprobs).clamp(max=self.log_ratio_cap)  # [B, T]
+        ratio = log_ratio.exp()
+        r_hat = batch.group_mean.clamp(self.r_hat_min, self.r_hat_max)[:, None]  # [B, 1]
+        positive = (batch.rewards == 1)[:, None].expand_as(mask)  # [B, T]
+
+        if self.positive_ratio_floor > 0:
+            log_pos = straight_through_log_max(ratio, self.positive_ratio_floor)
+        else:
+            log_pos = log_ratio
+        neg_ratio = (1.0 - r_hat * ratio) / (1.0 - r_hat)  # implicit negative policy ratio (Alg. 1 line 14)
+        if self.use_negatives:
+            log_neg = straight_through_log_max(neg_ratio, self.epsilon)
+        else:
+            log_neg = torch.zeros_like(neg_ratio)
+        weight = self.prompt_weight(r_hat)  # [B, 1]
+        # torch.where, not r·a + (1−r)·b: an inf/NaN in the unused branch must not leak into the gradient.
+        token_loss = -weight * torch.where(positive, log_pos, log_neg)  # [B, T]
+
+        loss = aggregate(token_loss, batch, self.agg, self.agg_constant)
+        with torch.no_grad():
+            pos_part = aggregate(token_loss * positive, batch, self.agg, self.agg_constant)
+            ratio_mean, ratio_min, ratio_max = _masked_stats(ratio, mask)
+            negative_tokens = mask & ~positive
+            metrics = {
+                "loss/positive": pos_part,
+                "loss/negative": loss.detach() - pos_part,
+                "ratio/mean": ratio_mean,
+                "ratio/min": ratio_min,
+                "ratio/max": ratio_max,
+                "clip/neg_eps_frac": _masked_frac(neg_ratio < self.epsilon, negative_tokens),
+                "clip/log_ratio_cap_frac": _masked_frac(logprobs - batch.old_logprobs > self.log_ratio_cap, mask),
+                "clip/pos_floor_frac": _masked_frac(ratio < self.positive_ratio_floor, mask & positive),
+            }
+        return LossOutput(loss=loss, metrics=metrics)
+
+    def prompt_weight(self, r_hat: Tensor) -> Tensor:
+        return omega_weight(r_hat, self.omega)
+
+
+class RFTLoss(NFTLoss):
+    """Rejection-sampling Fine-Tuning (paper App. B): NFT with the negative term zeroed and ω(q) = 1.
+
+    Negative answers still count in the token normaliser (as in the released code, which zeroes their loss
+    inside the NFT implementation) but carry exactly zero gradient.
+    """
+
+    use_negatives = False
+
+    def __init__(
+        self,
+        agg: Aggregation = "token-mean",
+        agg_constant: float = 1000.0,
+        log_ratio_cap: float = 10.0,
+        r_hat_min: float = 0.02,
+        r_hat_max: float = 0.98,
+        positive_ratio_floor: float = 0.0,
+    ) -> None:
+        super().__init__(
+            epsilon=1.0,
+            omega="uniform",
+            agg=agg,
+            agg_constant=agg_constant,
+            log_ratio_cap=log_ratio_cap,
+            r_hat_min=r_hat_min,
+            r_hat_max=r_hat_max,
+            positive_ratio_floor=positive_ratio_floor,
+        )
+
+
+class GRPOLoss(PolicyLoss):
+    """GRPO with DAPO's clip-higher (paper Eq. 3-4): ℓ_t = −min(R_t A, clip(R_t, 1 − ε_low, 1 + ε_high) A).
+
+    A = (r − mean_q)/(std_q + std_eps) with the Bessel-corrected std of the whole group; ``scale_by_std=False``
+    gives Dr. GRPO's A = r − mean_q. Optional: dual clip (constant c > 1 bounding the loss of A < 0 tokens at
+    −c·A, as in verl) and a k3 KL penalty to a frozen reference (``kl_coef``; the paper uses none).
+    """
+
+    def __init__(
+        self,
+        clip_low: float = 0.2,
+        clip_high: float = 0.28,
+        scale_by_std: bool = True,
+        std_eps: float = 1e-6,
+        agg: Aggregation = "token-mean",
+        agg_constant: float = 1000.0,
+        dual_clip: float | None = None,
+        kl_coef: float = 0.0,
+        log_ratio_cap: float = 20.0,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not 0 <= clip_low < 1:
+            raise ValueError(f"{name}: clip_low must be in [0, 1), got {clip_low}")
+        if not clip_high >= 0:
+            raise ValueError(f"{name}: clip_high must be >= 0, got {clip_high}")
+        if dual_clip is not None and not dual_clip > 1:
+            raise ValueError(f"{name}: dual_clip must be > 1 (or null to disable), got {dual_clip}")
+        if kl_coef < 0:
+            raise ValueError(f"{name}: kl_coef must be >= 0, got {kl_coef}")
+        self._check_agg(agg, agg_constant)
+        self.clip_low = clip_low
+        self.clip_high = clip_high
+        self.scale_by_std = scale_by_std
+        self.std_eps = std_eps
+        self.agg = agg
+        self.agg_constant = agg_constant
+        self.dual_clip = dual_clip
+        self.kl_coef = kl_coef
+        self.log_ratio_cap = log_ratio_cap
+
+    def advantages(self, batch: LossBatch) -> Tensor:
+        """Group-normalised advantage per answer, [B] (Eq. 4; Dr. GRPO drops the std)."""
+        centred = batch.rewards - batch.group_mean
+        return centred / (batch.group_std + self.std_eps) if self.scale_by_std else centred
+
+    def forward(self, logprobs: Tensor, batch: LossBatch) -> LossOutput:
+        self.validate_batch(batch)
+        mask = batch.response_mask.bool()
+        adv = self.advantages(batch)[:, None]  # [B, 1]
+        # clamp both ways as verl does: exp must not overflow, and the gradient still flows inside the cap
+        log_ratio = (logprobs - batch.old_logprobs).clamp(-self.log_ratio_cap, self.log_ratio_cap)
+        ratio = log_ratio.exp()  # [B, T]
+        unclipped = -adv * ratio
+        clipped = -adv * ratio.clamp(1.0 - self.clip_low, 1.0 + self.clip_high)
+        token_loss = torch.maximum(unclipped, clipped)
+        if self.dual_clip is not None:
+            token_loss = torch.where(adv < 0, torch.minimum(token_loss, -adv * self.dual_clip), token_loss)
+        if self.kl_coef > 0:
+            assert batch.ref_logprobs is not None  # checked in validate_batch
+            delta = batch.ref_logprobs - logprobs
+            token_loss = token_loss + self.kl_coef * (delta.exp() - delta - 1.0)  # k3 estimator, >= 0
+
+        loss = aggregate(token_loss, batch, self.agg, self.agg_constant)
+        with torch.no_grad():
+            positive = (adv > 0).expand_as(mask)
+            pos_part = aggregate(token_loss * positive, batch, self.agg, self.agg_constant)
+            ratio_mean, ratio_min, ratio_max = _masked_stats(ratio, mask)
+            metrics = {
+                "loss/positive": pos_part,
+                "loss/negative": loss.detach() - pos_part,
+                "ratio/mean": ratio_mean,
+                "ratio/min": ratio_min,
+                "ratio/max": ratio_max,
+                "clip/high_frac": _masked_frac((ratio > 1.0 + self.clip_high) & (adv > 0), mask),
+                "clip/low_frac": _masked_frac((ratio < 1.0 - self.clip_low) & (adv < 0), mask),
+                "advantage/mean": _masked_stats(adv.expand_as(mask), mask)[0],
+            }
+            if self.dual_clip is not None:
+                metrics["clip/dual_frac"] = _masked_frac((-adv * ratio > -adv * self.dual_clip) & (adv < 0), mask)
+        return LossOutput(loss=loss, metrics=metrics)
+
+
+class DrGRPOLoss(GRPOLoss):
+    """Dr. GRPO: GRPO without the std division and with length-independent aggregation (sum / constant)."""
+
+    def __init__(
+        self,
+        clip_low: float = 0.2,
+        clip_high: float = 0.28,
+        agg: Aggregation = "seq-mean-token-sum-norm",
+        agg_constant: float = 3584.0,
+        dual_clip: float | None = None,
+        kl_coef: float = 0.0,
+        log_ratio_cap: float = 20.0,
+    ) -> None:
+        super().__init__(
+            clip_low=clip_low,
+            clip_high=clip_high,
+            scale_by_std=False,
+            agg=agg,
+            agg_constant=agg_constant,
+            dual_clip=dual_clip,
+            kl_coef=kl_coef,
+            log_ratio_cap=log_ratio_cap,
+        )
+
+
+class DAPOLoss(GRPOLoss):
+    """DAPO: GRPO's clipped objective with clip-higher (0.2 / 0.28) and token-mean over the whole step.
+
+    Dynamic sampling and overlong reward shaping are data-side and live in the algorithm config; rewards may
+    therefore be non-binary here.
+    """
+
+
+class InfoNCALoss(PolicyLoss):
+    """InfoNCA (paper App. B), the K-answer generalisation of DPO, plus an SFT stabiliser.
+
+    Per prompt: soft labels y_k = r_k / Σ_i r_i, logits z_k = β Σ_t (log π_θ − log π_old) over answer k's
+    tokens, loss −Σ_k y_k log softmax(z)_k, averaged over the step's groups. Groups without a correct answer
+    have no label and contribute 0. The SFT term adds ``sft_weight`` × the NLL of the correct answers'
+    tokens, reduced with ``agg``. With K = 2 and one correct answer this is exactly the DPO loss with π_old
+    as the reference.
+    """
+
+    requires_whole_groups = True
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        sft_weight: float = 0.1,
+        agg: Aggregation = "token-mean",
+        agg_constant: float = 1000.0,
+    ) -> None:
+        super().__init__()
+        if not beta > 0:
+            raise ValueError(f"InfoNCALoss: beta must be > 0, got {beta}")
+        if sft_weight < 0:
+            raise ValueError(f"InfoNCALoss: sft_weight must be >= 0, got {sft_weight}")
+        self._check_agg(agg, agg_constant)
+        self.beta = beta
+        self.sft_weight = sft_weight
+        self.agg = agg
+        self.agg_constant = agg_constant
+
+    def forward(self, logprobs: Tensor, batch: LossBatch) -> LossOutput:
+        self.validate_batch(batch)
+        mask = batch.response_mask.to(logprobs.dtype)
+        seq_log_ratio = ((logprobs - batch.old_logprobs) * mask).sum(dim=-1)  # [B]
+        logits = self.beta * seq_log_ratio
+        _, inverse = torch.unique(batch.group_ids, return_inverse=True)
+        num_local_groups = int(inverse.max()) + 1
+        # log-softmax within each group: subtract the group max for stability, then the group logsumexp
+        group_max = torch.full((num_local_groups,), -math.inf, dtype=logits.dtype, device=logits.device)
+        group_max = group_max.scatter_reduce(0, inverse, logits.detach(), reduce="amax")
+        shifted = (logits - group_max[inverse]).exp()
+        denom = torch.zeros(num_local_groups, dtype=logits.dtype, device=logits.device).index_add(0, inverse, shifted)
+        log_softmax = logits - group_max[inverse] - denom.log()[inverse]  # [B]
+        rewards = batch.rewards.to(logits.dtype)
+        reward_sums = torch.zeros_like(denom).index_add(0, inverse, rewards)
+        labels = torch.where(reward_sums[inverse] > 0, rewards / reward_sums[inverse].clamp(min=1e-12), 0.0)
+        nca = -(labels * log_softmax).sum() / max(batch.group_count(), 1.0)
+
+        correct = (batch.rewards > 0)[:, None].to(logprobs.dtype)
+        sft = aggregate(-logprobs * correct, batch, self.agg, self.agg_constant)
+        loss = nca + self.sft_weight * sft
+        with torch.no_grad():
+            metrics = {
+                "loss/positive": self.sft_weight * sft.detach(),
+                "loss/negative": nca.detach(),
+                "loss/infonca": nca.detach(),
+                "loss/sft_nll": sft.detach(),
+                "ratio/seq_log_ratio_mean": seq_log_ratio.detach().mean(),
+            }
+            ratio_mean, ratio_min, ratio_max = _masked_stats(
+                (logprobs - batch.old_logprobs).exp(), batch.response_mask.bool()
+            )
+            metrics.update({"ratio/mean": ratio_mean, "ratio/min": ratio_min, "ratio/max": ratio_max})
+        return LossOutput(loss=loss, metrics=metrics)
