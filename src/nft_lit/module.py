@@ -1,0 +1,294 @@
+"""PolicyModule: the policy LM, its optimizer, and one optimizer step per dataloader item.
+
+Manual optimization: one ``StepBatch`` (built by ``RolloutDataModule``) is one optimizer step over its
+micro-batches. The losses are normalised by the counts of the whole step across micro-batches and ranks
+(``LossBatch.num_*``), so summing micro-batch gradients is exact; data-parallel gradient reduction
+(DDP / FSDP) *averages* over ranks, which this module undoes by scaling each micro-batch loss by the world
+size. Log-probs follow the rollout convention: ``log_softmax(logits / temperature)`` of the sampled token,
+in float32 (paper Eq. 10 ratios R_t = exp(logπ_θ − logπ_old) are sensitive to rounding).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from torch import Tensor, nn
+
+from nft_lit.datamodule import MicroBatch, StepBatch
+from nft_lit.losses import PolicyLoss
+
+
+def response_logprobs_and_entropy(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs [B, T] and entropies [B, T] (float32) of the response columns ``prompt_len:``.
+
+    Positions come from the attention mask so left-padded prompts see the same positions as in generation.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    # Logits at t predict token t+1: the response tokens are predicted from columns prompt_len-1 .. -2.
+    logits = logits[:, prompt_len - 1 : -1].float() / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    targets = input_ids[:, prompt_len:].unsqueeze(-1)
+    logprobs = logp_all.gather(-1, targets).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logprobs, entropy
+
+
+def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The transformer block classes of an HF model (its ``_no_split_modules``), used as FSDP wrap units."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise ValueError(f"{type(model).__name__} declares no decoder layer class (_no_split_modules); cannot shard it")
+    return classes
+
+
+def fsdp_strategy(
+    layer_class: str,
+    activation_checkpointing: bool = False,
+    sharding_strategy: str = "FULL_SHARD",
+    state_dict_type: str = "sharded",
+    cpu_offload: bool = False,
+) -> Any:
+    """GPU ``FSDPStrategy`` wrapping each decoder layer (``layer_class`` = import path of its class).
+
+    Built from plain strings so a Hydra config can name it:
+    ``transformers.models.qwen2.modeling_qwen2.Qwen2DecoderLayer``.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    module_name, _, class_name = layer_class.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"trainer.strategy.layer_class: cannot import {layer_class!r} ({e})") from e
+    return FSDPStrategy(
+        auto_wrap_policy={cls},
+        activation_checkpointing_policy={cls} if activation_checkpointing else None,
+        sharding_strategy=sharding_strategy,
+        state_dict_type=state_dict_type,
+        cpu_offload=cpu_offload,
+    )
+
+
+class PhaseProgressBar(TQDMProgressBar):
+    """TQDM bar whose description shows the iteration's phase (sync / generate / verify / train)."""
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.phase = "start"
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+        bar = self._train_progress_bar
+        if bar is not None and not bar.disable:
+            bar.set_description(f"Iteration {self.trainer.current_epoch} [{phase}]")
+            bar.refresh()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self.set_phase("train")
+
+
+class PolicyModule(pl.LightningModule):
+    """The policy being fine-tuned, trained through a ``PolicyLoss`` (configs/algorithm/*.yaml).
+
+    Args:
+        model: a causal LM, or a zero-argument factory for one (built in ``configure_model`` so that
+            FSDP can shard it as it is created).
+        loss: the policy loss; ``loss.kl_coef > 0`` adds a frozen reference copy of the initial model.
+        lr: peak AdamW learning rate (paper: 1e-6 for 7B).
+        weight_decay: AdamW weight decay (paper: 0.1).
+        betas: AdamW betas.
+        warmup_steps: linear LR warm-up over this many optimizer steps, then constant (paper: 10).
+        grad_clip: max global gradient norm (paper: 1.0); None logs the norm without clipping.
+        temperature: sampling temperature of the rollouts; logits are divided by it (log-prob convention).
+        fsdp_reshard_after_forward: FSDP2 (``ModelParallelStrategy``) only: free gathered weights after
+            each forward (saves memory, costs a second all-gather in backward).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[], nn.Module],
+        loss: PolicyLoss,
+        lr: float = 1e-6,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 10,
+        grad_clip: float | None = 1.0,
+        temperature: float = 1.0,
+        fsdp_reshard_after_forward: bool = True,
+    ) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"module.lr must be > 0, got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"module.warmup_steps must be >= 0, got {warmup_steps}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"module.grad_clip must be > 0 or null, got {grad_clip}")
+        if not temperature > 0:
+            raise ValueError(f"module.temperature must be > 0, got {temperature}")
+        self.automatic_optimization = False
+        self._model_source = model
+        self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
+        self.ref_model: nn.Module | None = None
+        self.loss_fn = loss
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.warmup_steps = warmup_steps
+        self.grad_clip = grad_clip
+        self.temperature = temperature
+        self.fsdp_reshard_after_forward = fsdp_reshard_after_forward
+        self._epoch_start = 0.0
+        self._train_tokens = 0.0
+        self._train_seconds = 0.0
+        if self.model is not None:
+            self._make_reference()
+
+    # ------------------------------------------------------------------ model
+    def _make_reference(self) -> None:
+        if getattr(self.loss_fn, "kl_coef", 0.0) > 0 and self.ref_model is None:
+            assert self.model is not None
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self._model_source()  # type: ignore[operator]
+            self._make_reference()
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None and not getattr(self, "_fsdp2_applied", False):
+            self._apply_fsdp2(mesh)
+
+    def _apply_fsdp2(self, mesh: Any) -> None:
+        """FSDP2 (``fully_shard``) over the data-parallel mesh: each decoder layer, then the root."""
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"]
+        for model in (m for m in (self.model, self.ref_model) if m is not None):
+            layers = decoder_layer_classes(model)
+            for sub in model.modules():
+                if type(sub) in layers:
+                    fully_shard(sub, mesh=dp_mesh, reshard_after_forward=self.fsdp_reshard_after_forward)
+            fully_shard(model, mesh=dp_mesh, reshard_after_forward=self.fsdp_reshard_after_forward)
+        self._fsdp2_applied = True
+
+    def response_logprobs(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
+        """Response-token log-probs under the current policy (used for logπ_old; no entropy)."""
+        assert self.model is not None
+        return response_logprobs_and_entropy(self.model, input_ids, attention_mask, prompt_len, self.temperature)[0]
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> Any:
+        assert self.model is not None
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                # Biases and norm gains are not decayed (standard AdamW practice for transformers).
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr,
+            betas=self.betas,
+        )
+        warm = self.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _clip_gradients(self) -> Tensor:
+        """Global gradient norm (clipped when ``grad_clip`` is set); correct under DDP, FSDP1 and FSDP2."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, FullyShardedDataParallel):
+            norm = wrapped.clip_grad_norm_(max_norm)
+        else:
+            params = [p for p in self.model.parameters() if p.grad is not None]  # type: ignore[union-attr]
+            # With FSDP2 the parameters are DTensors and the norm is computed across shards.
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return norm.detach().float()
+
+    # ------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+        self._train_tokens = 0.0
+
+    def _micro_step(self, mb: MicroBatch, scale: float) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+        assert self.model is not None
+        logprobs, entropy = response_logprobs_and_entropy(
+            self.model, mb.input_ids, mb.attention_mask, mb.prompt_len, self.temperature
+        )
+        mask = mb.loss_batch.response_mask
+        if mb.is_padding:
+            # Zero-weight pass: keeps every rank's collectives in step without contributing gradient.
+            self.manual_backward(logprobs.sum() * 0.0)
+            return logprobs.new_zeros(()), {}, logprobs.new_zeros(()), logprobs.new_zeros(())
+        batch = mb.loss_batch
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref = response_logprobs_and_entropy(
+                    self.ref_model, mb.input_ids, mb.attention_mask, mb.prompt_len, self.temperature
+                )[0]
+            batch.ref_logprobs = ref * mask
+        out = self.loss_fn(logprobs, batch)
+        self.manual_backward(out.loss * scale)
+        return out.loss.detach(), out.metrics, (entropy.detach() * mask).sum(), mask.sum()
+
+    def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        world = self.trainer.world_size
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=self.device)
+        entropy_sum = torch.zeros((), device=self.device)
+        tokens = torch.zeros((), device=self.device)
+        metric_sums: dict[str, Tensor] = {}
+        metric_counts: dict[str, int] = {}
+        for mb in batch.micro_batches:
+            loss, metrics, ent, n = self._micro_step(mb, float(world))
+            step_loss += loss
+            entropy_sum += ent
+            tokens += n
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
+                metric_counts[k] = metric_counts.get(k, 0) + 1
+        grad_norm = self._clip_gradients()
+        optimizer.step()
+        scheduler.step()
+        # Each rank's loss is its share of the step's normalised loss: the step loss is their sum.
+        totals = self.trainer.strategy.reduce(torch.stack([step_loss, entropy_sum, tokens]), reduce_op="sum")
+        self._train_tokens += float(totals[2])
+        logs = {
+            "train/loss": totals[0],
+            "train/entropy": totals[1] / totals[2].clamp(min=1.0),
+            "train/grad_norm": grad_norm,
+            "train/lr": torch.tensor(scheduler.get_last_lr()[0]),
+        }
+        for k, v in metric_sums.items():
+            logs[f"train/{k}"] = v / metric_counts[k]
+        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
+        self.log("loss", totals[0], prog_bar=True, on_step=True, on_epoch=False)
+        return totals[0]
+
+    def on_train_epoch_end(self) -> None:
+        seconds = time.perf_counter() - self._epoch_start
+        logs = {"train/seconds": seconds, "train/tokens_per_second": self._train_tokens / max(seconds, 1e-9)}
+        dm = getattr(self.trainer, "datamodule", None)
+        for k, v in (getattr(dm, "last_stats", None) or {}).items():
+            logs[f"rollout/{k}"] = float(v)
+        logs["iteration"] = float(self.current_epoch)
+        self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=False)
