@@ -113,24 +113,29 @@ class LossOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)  # detached scalars, this micro-batch's values
 
 
-def aggregate(token_loss: Tensor, batch: LossBatch, agg: str, constant: float) -> Tensor:
-    """Reduce a [B, T] token loss to the step-normalised scalar (ALGORITHMS.md, "Aggregation").
+def aggregate_rows(token_loss: Tensor, batch: LossBatch, agg: str, constant: float) -> Tensor:
+    """Each answer's share of the step loss, [B, T] -> [B]; their sum is the loss (ALGORITHMS.md, "Aggregation").
 
-    Every mode is a sum of per-token (or per-sequence) terms over a normaliser fixed for the whole optimizer
-    step, which is what makes gradient accumulation and data parallelism exact.
+    Every mode is a sum of per-answer terms over a normaliser fixed for the whole optimizer step, which is
+    what makes gradient accumulation and data parallelism exact. Returning the per-answer terms lets callers
+    split the loss (positive/negative parts) without a second pass over the [B, T] tensor.
     """
     mask = batch.response_mask.to(token_loss.dtype)
-    masked = token_loss * mask
+    row_sums = (token_loss * mask).sum(dim=-1)
     if agg == "token-mean":
-        return masked.sum() / max(batch.token_count(), 1.0)
+        return row_sums / max(batch.token_count(), 1.0)
     if agg == "seq-mean-token-mean":
-        per_seq = masked.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
-        return per_seq.sum() / max(batch.sequence_count(), 1.0)
+        return row_sums / mask.sum(dim=-1).clamp(min=1.0) / max(batch.sequence_count(), 1.0)
     if agg == "seq-mean-token-sum-norm":
-        return masked.sum() / (max(batch.sequence_count(), 1.0) * constant)
+        return row_sums / (max(batch.sequence_count(), 1.0) * constant)
     if agg == "sum-constant":
-        return masked.sum() / constant
+        return row_sums / constant
     raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+
+
+def aggregate(token_loss: Tensor, batch: LossBatch, agg: str, constant: float) -> Tensor:
+    """Reduce a [B, T] token loss to the step-normalised scalar (see :func:`aggregate_rows`)."""
+    return aggregate_rows(token_loss, batch, agg, constant).sum()
 
 
 def omega_weight(r_hat: Tensor, omega: str) -> Tensor:
@@ -144,23 +149,40 @@ def omega_weight(r_hat: Tensor, omega: str) -> Tensor:
     raise ValueError(f"omega must be one of {OMEGAS}, got {omega!r}")
 
 
+class _StraightThroughLogMax(torch.autograd.Function):
+    """log max_v(x, floor): forward log(max(x, floor)), backward grad / max(x, floor) (never zero)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, floor: float) -> Tensor:  # type: ignore[override]
+        clamped = x.clamp(min=floor)
+        ctx.save_for_backward(clamped)
+        return clamped.log()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (clamped,) = ctx.saved_tensors
+        return grad / clamped, None
+
+
 def straight_through_log_max(x: Tensor, floor: float) -> Tensor:
     """log max_v(x, floor) of Algorithm 1: value log(max(x, floor)), gradient ∂x / max(x, floor).
 
-    Written as value + (x − x.detach()) / max(x, floor) rather than log(x + (max(x, floor) − x).detach()):
-    the literal form cancels catastrophically in float32 when x is a large negative number (1 − r̂R can
-    reach −1e6 with R = e^10), rounding the log's argument to 0 and the loss to −inf.
+    A custom autograd function rather than the literal log(x + (max(x, floor) − x).detach()): the literal
+    form cancels catastrophically in float32 when x is a large negative number (1 − r̂R can reach −1e6 with
+    R = e^10), rounding the log's argument to 0 and the loss to −inf; it also saves three [B, T] temporaries.
     """
-    clamped = x.detach().clamp(min=floor)
-    return clamped.log() + (x - x.detach()) / clamped
+    return _StraightThroughLogMax.apply(x, floor)
 
 
 def _masked_stats(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    sel = values.detach()[mask]
-    if sel.numel() == 0:
+    """Mean, min, max of values[mask] without materialising the boolean gather."""
+    values = values.detach()
+    count = mask.sum()
+    if count == 0:
         zero = values.new_zeros(())
         return zero, zero, zero
-    return sel.mean(), sel.min(), sel.max()
+    mean = torch.where(mask, values, 0.0).sum() / count
+    return mean, torch.where(mask, values, torch.inf).min(), torch.where(mask, values, -torch.inf).max()
 
 
 def _masked_frac(flags: Tensor, mask: Tensor) -> Tensor:
@@ -279,39 +301,44 @@ class NFTLoss(PolicyLoss):
     def forward(self, logprobs: Tensor, batch: LossBatch) -> LossOutput:
         self.validate_batch(batch)
         mask = batch.response_mask.bool()
-        log_ratio = (logprobs - batch.old_logprobs).clamp(max=self.log_ratio_cap)  # [B, T]
+        raw_log_ratio = logprobs - batch.old_logprobs  # [B, T]
+        log_ratio = raw_log_ratio.clamp(max=self.log_ratio_cap)
         ratio = log_ratio.exp()
         r_hat = batch.group_mean.clamp(self.r_hat_min, self.r_hat_max)[:, None]  # [B, 1]
-        positive = (batch.rewards == 1)[:, None].expand_as(mask)  # [B, T]
+        positive_rows = batch.rewards == 1  # [B]
+        positive = positive_rows[:, None].expand_as(mask)  # [B, T]
 
         if self.positive_ratio_floor > 0:
             log_pos = straight_through_log_max(ratio, self.positive_ratio_floor)
         else:
             log_pos = log_ratio
-        neg_ratio = (1.0 - r_hat * ratio) / (1.0 - r_hat)  # implicit negative policy ratio (Alg. 1 line 14)
+        # implicit negative policy ratio (Alg. 1 line 14); this form is exactly 1 at R = 1, so L = 0 on-policy
+        neg_ratio = (1.0 - r_hat * ratio) / (1.0 - r_hat)
         if self.use_negatives:
             log_neg = straight_through_log_max(neg_ratio, self.epsilon)
         else:
             log_neg = torch.zeros_like(neg_ratio)
-        weight = self.prompt_weight(r_hat)  # [B, 1]
         # torch.where, not r·a + (1−r)·b: an inf/NaN in the unused branch must not leak into the gradient.
-        token_loss = -weight * torch.where(positive, log_pos, log_neg)  # [B, T]
-
-        loss = aggregate(token_loss, batch, self.agg, self.agg_constant)
+        log_likelihood_ratio = torch.where(positive, log_pos, log_neg)  # [B, T]
+        # ω(q) is constant over an answer, so it multiplies the per-answer sums instead of every token
+        rows = -self.prompt_weight(r_hat[:, 0]) * aggregate_rows(
+            log_likelihood_ratio, batch, self.agg, self.agg_constant
+        )
+        loss = rows.sum()
         with torch.no_grad():
-            pos_part = aggregate(token_loss * positive, batch, self.agg, self.agg_constant)
+            pos_part = rows[positive_rows].sum()
             ratio_mean, ratio_min, ratio_max = _masked_stats(ratio, mask)
-            negative_tokens = mask & ~positive
             metrics = {
                 "loss/positive": pos_part,
                 "loss/negative": loss.detach() - pos_part,
                 "ratio/mean": ratio_mean,
                 "ratio/min": ratio_min,
                 "ratio/max": ratio_max,
-                "clip/neg_eps_frac": _masked_frac(neg_ratio < self.epsilon, negative_tokens),
-                "clip/log_ratio_cap_frac": _masked_frac(logprobs - batch.old_logprobs > self.log_ratio_cap, mask),
-                "clip/pos_floor_frac": _masked_frac(ratio < self.positive_ratio_floor, mask & positive),
+                "clip/neg_eps_frac": _masked_frac(neg_ratio < self.epsilon, mask & ~positive),
+                "clip/log_ratio_cap_frac": _masked_frac(raw_log_ratio > self.log_ratio_cap, mask),
             }
+            if self.positive_ratio_floor > 0:
+                metrics["clip/pos_floor_frac"] = _masked_frac(ratio < self.positive_ratio_floor, mask & positive)
         return LossOutput(loss=loss, metrics=metrics)
 
     def prompt_weight(self, r_hat: Tensor) -> Tensor:
@@ -397,24 +424,28 @@ class GRPOLoss(PolicyLoss):
     def forward(self, logprobs: Tensor, batch: LossBatch) -> LossOutput:
         self.validate_batch(batch)
         mask = batch.response_mask.bool()
-        adv = self.advantages(batch)[:, None]  # [B, 1]
+        adv = self.advantages(batch)  # [B]
         # clamp both ways as verl does: exp must not overflow, and the gradient still flows inside the cap
         log_ratio = (logprobs - batch.old_logprobs).clamp(-self.log_ratio_cap, self.log_ratio_cap)
         ratio = log_ratio.exp()  # [B, T]
-        unclipped = -adv * ratio
-        clipped = -adv * ratio.clamp(1.0 - self.clip_low, 1.0 + self.clip_high)
-        token_loss = torch.maximum(unclipped, clipped)
+        # −min(R·A, clip(R)·A) = −A·clamp(R, lower, upper) with per-answer bounds: A > 0 caps R at 1 + ε_high,
+        # A < 0 floors it at 1 − ε_low (and dual clip caps it at c). One clamp instead of two products and a max.
+        positive_adv, negative_adv = adv > 0, adv < 0
+        no_bound = torch.full_like(adv, torch.inf)
+        upper = torch.where(positive_adv, 1.0 + self.clip_high, no_bound)
         if self.dual_clip is not None:
-            token_loss = torch.where(adv < 0, torch.minimum(token_loss, -adv * self.dual_clip), token_loss)
+            upper = torch.where(negative_adv, self.dual_clip, upper)
+        lower = torch.where(negative_adv, 1.0 - self.clip_low, -no_bound)
+        clipped_ratio = ratio.clamp(min=lower[:, None], max=upper[:, None])
+        rows = -adv * aggregate_rows(clipped_ratio, batch, self.agg, self.agg_constant)
         if self.kl_coef > 0:
             assert batch.ref_logprobs is not None  # checked in validate_batch
             delta = batch.ref_logprobs - logprobs
-            token_loss = token_loss + self.kl_coef * (delta.exp() - delta - 1.0)  # k3 estimator, >= 0
-
-        loss = aggregate(token_loss, batch, self.agg, self.agg_constant)
+            kl = delta.exp() - delta - 1.0  # k3 estimator, >= 0
+            rows = rows + self.kl_coef * aggregate_rows(kl, batch, self.agg, self.agg_constant)
+        loss = rows.sum()
         with torch.no_grad():
-            positive = (adv > 0).expand_as(mask)
-            pos_part = aggregate(token_loss * positive, batch, self.agg, self.agg_constant)
+            pos_part = rows[positive_adv].sum()
             ratio_mean, ratio_min, ratio_max = _masked_stats(ratio, mask)
             metrics = {
                 "loss/positive": pos_part,
@@ -422,12 +453,12 @@ class GRPOLoss(PolicyLoss):
                 "ratio/mean": ratio_mean,
                 "ratio/min": ratio_min,
                 "ratio/max": ratio_max,
-                "clip/high_frac": _masked_frac((ratio > 1.0 + self.clip_high) & (adv > 0), mask),
-                "clip/low_frac": _masked_frac((ratio < 1.0 - self.clip_low) & (adv < 0), mask),
-                "advantage/mean": _masked_stats(adv.expand_as(mask), mask)[0],
+                "clip/high_frac": _masked_frac((ratio > 1.0 + self.clip_high) & positive_adv[:, None], mask),
+                "clip/low_frac": _masked_frac((ratio < 1.0 - self.clip_low) & negative_adv[:, None], mask),
+                "advantage/mean": adv.mean(),
             }
             if self.dual_clip is not None:
-                metrics["clip/dual_frac"] = _masked_frac((-adv * ratio > -adv * self.dual_clip) & (adv < 0), mask)
+                metrics["clip/dual_frac"] = _masked_frac((ratio > self.dual_clip) & negative_adv[:, None], mask)
         return LossOutput(loss=loss, metrics=metrics)
 
 
