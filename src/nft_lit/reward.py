@@ -1,0 +1,575 @@
+"""Binary verifiable rewards: answer extraction, math-verify in worker processes, exact match, overlong shaping.
+
+The reward is the whole supervision signal of NFT (paper Eq. 10 only sees r ∈ {0, 1}), so a verifier must
+neither hang nor crash a run: math-verify runs in separate worker processes (its own timeouts rely on
+``signal.alarm`` and therefore need each worker's main thread), and a per-answer wall-clock deadline in the
+parent kills and replaces a worker that is stuck in C code where no signal can reach it. A timed-out or
+crashed check scores 0 and is counted in ``VerifyResult.stats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = [
+    "ExactMatchVerifier",
+    "MathVerifier",
+    "Verifier",
+    "VerifyResult",
+    "extract_answer",
+    "extract_boxed",
+    "overlong_penalty",
+    "verify_command",
+]
+
+# The DAPO/NFT template asks for a last line "Answer: $Answer"; markdown bold around the word is common.
+_ANSWER_LINE = re.compile(r"(?i)\banswer\**\s*:\**[ \t]*([^\n]*\S)")
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+# Workers are fresh interpreters; make sure they import this very copy of the package.
+_SRC_DIR = str(Path(__file__).resolve().parents[1])
+
+
+@dataclass
+class VerifyResult:
+    """Rewards in input order (0.0 or 1.0) and counters of the batch (timeouts, errors, seconds, ...)."""
+
+    rewards: list[float]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Verifier(Protocol):
+    """Scores responses against gold answers; a truncated response scores 0 by rule."""
+
+    def score(self, responses: list[str], golds: list[str], truncated: list[bool]) -> VerifyResult: ...
+
+
+def _brace_content(text: str, open_pos: int) -> str | None:
+    """Content of the brace group opening at ``text[open_pos] == '{'``, or None when it never closes."""
+    depth = 0
+    for pos in range(open_pos, len(text)):
+        char = text[pos]
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_pos + 1 : pos]
+    return None
+
+
+def _box_starts(text: str) -> list[tuple[int, int]]:
+    """(start, end-of-command) of every ``\\boxed``/``\\fbox`` in text, in order."""
+    return sorted(
+        (match.start(), match.end())
+        for command in _BOX_COMMANDS
+        for match in re.finditer(re.escape(command) + r"(?![A-Za-z])", text)
+    )
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` or ``\\fbox{...}`` (brace-matched), else None.
+
+    ``\\boxed 5`` (argument without braces, as in some MATH solutions) yields the next token. A last box whose
+    braces never close (a truncated answer) is skipped in favour of the previous complete one.
+    """
+    for _, command_end in reversed(_box_starts(text)):
+        rest = command_end
+        while rest < len(text) and text[rest] == " ":
+            rest += 1
+        if rest < len(text) and text[rest] == "{":
+            content = _brace_content(text, rest)
+            if content is not None:
+                return content
+        elif rest > command_end and rest < len(text):
+            token = re.match(r"[^\s$]+", text[rest:])
+            if token:
+                return token.group(0)
+    return None
+
+
+def _clean_answer_line(line: str) -> str:
+    line = line.strip()
+    boxed = extract_boxed(line)
+    if boxed is not None:
+        return boxed.strip()
+    # "Answer: $5$." -> "5": the trailing full stop and math delimiters are not part of the answer.
+    line = line.rstrip(".").strip()
+    if len(line) >= 2 and line[0] == "$" and line[-1] == "$":
+        line = line.strip("$").strip()
+    return line
+
+
+def extract_answer(text: str, strict_box: bool = False, strict_box_tail_chars: int = 300) -> str | None:
+    """The final answer a response commits to, or None when it states none.
+
+    Default: whichever comes last of the last ``\\boxed{}`` and the last ``Answer: X`` line (what the DAPO/NFT
+    and Qwen-Math templates ask for). ``strict_box``: only a ``\\boxed{}`` within the last
+    ``strict_box_tail_chars`` characters counts, as in the released NFT/DAPO code's strict-box verification.
+    """
+    if strict_box:
+        return extract_boxed(text[-strict_box_tail_chars:])
+    answer_lines = list(_ANSWER_LINE.finditer(text))
+    boxes = _box_starts(text)
+    last_line_pos = answer_lines[-1].start() if answer_lines else -1
+    last_box_pos = boxes[-1][0] if boxes else -1
+    if last_line_pos > last_box_pos:
+        return _clean_answer_line(answer_lines[-1].group(1))
+    if boxes:
+        return extract_boxed(text)
+    return None
+
+
+_SAME_FORM_DROP = re.compile(r"\s+|\$|\\left|\\right|\\!|\\,|\\;")
+
+
+def _same_form(pred: str, gold: str) -> bool:
+    """Cheap sufficient test of equality: identical up to whitespace, spacing and sizing commands."""
+
+    def canon(s: str) -> str:
+        s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+        return _SAME_FORM_DROP.sub("", s).rstrip(".")
+
+    a, b = canon(pred), canon(gold)
+    return bool(a) and a == b
+
+
+# A plain number as answers write it: optional "x =", sign, thousands separators, decimals, a simple fraction,
+# a trailing unit in \text{}. Anything else goes to math-verify.
+_NUMBER = re.compile(
+    r"""^(?:[A-Za-z]\s*=\s*)?(?P<sign>-)?\s*
+    (?:(?P<int>\d{1,3}(?:(?:,|\{,\})\d{3})+|\d+)(?:\.(?P<dec>\d+))?
+      |\\[dt]?frac\{(?P<num>\d+)\}\{(?P<den>\d+)\}
+      |(?P<num2>\d+)\s*/\s*(?P<den2>\d+))
+    (?:\s*\\(?:text|mbox|mathrm)\{[^{}]*\})?$""",
+    re.X,
+)
+
+
+def _exact_number(text: str) -> tuple[Fraction, bool] | None:
+    """(exact value, is an integer literal) of a plain number, else None."""
+    match = _NUMBER.match(text.strip().strip("$").strip())
+    if match is None:
+        return None
+    num, den = match["num"] or match["num2"], match["den"] or match["den2"]
+    if num is not None:
+        if int(den) == 0:
+            return None
+        value, integer = Fraction(int(num), int(den)), False
+    else:
+        digits = match["int"].replace("{,}", "").replace(",", "")
+        value = Fraction(f"{digits}.{match['dec']}") if match["dec"] else Fraction(int(digits))
+        integer = match["dec"] is None
+    return (-value if match["sign"] else value), integer
+
+
+def _decide_locally(pred: str, gold: str) -> bool | None:
+    """The verdict when it needs no symbolic algebra, else None.
+
+    Equal up to spacing, or equal exact numbers: correct. Two different integer literals: wrong. (Other
+    numeric mismatches are left to math-verify, which compares with its own rounding tolerance.)
+    """
+    if _same_form(pred, gold):
+        return True
+    pred_number, gold_number = _exact_number(pred), _exact_number(gold)
+    if pred_number is None or gold_number is None:
+        return None
+    if pred_number[0] == gold_number[0]:
+        return True
+    return False if pred_number[1] and gold_number[1] else None
+
+
+def _check_lengths(responses: list[str], golds: list[str], truncated: list[bool]) -> None:
+    if not (len(responses) == len(golds) == len(truncated)):
+        raise ValueError(
+            f"score: responses, golds and truncated must have the same length, got "
+            f"{len(responses)}, {len(golds)} and {len(truncated)}"
+        )
+    for name, values, kind in (("responses", responses, str), ("golds", golds, str), ("truncated", truncated, bool)):
+        for i, value in enumerate(values):
+            if not isinstance(value, kind):
+                raise TypeError(f"score: {name}[{i}] must be {kind.__name__}, got {type(value).__name__}")
+
+
+class ExactMatchVerifier:
+    """Exact string match of the extracted answer (or the whole response when it states none).
+
+    Used by the synthetic CPU demo, whose answers are plain integers, where a process pool is pure cost.
+    """
+
+    def score(self, responses: list[str], golds: list[str], truncated: list[bool]) -> VerifyResult:
+        _check_lengths(responses, golds, truncated)
+        start = time.perf_counter()
+        rewards = []
+        for response, gold, cut in zip(responses, golds, truncated):
+            if cut:
+                rewards.append(0.0)
+                continue
+            pred = extract_answer(response)
+            pred = response if pred is None else pred
+            rewards.append(float(pred.strip() == gold.strip()))
+        stats = {
+            "timeouts": 0.0,
+            "errors": 0.0,
+            "truncated": float(sum(truncated)),
+            "seconds": time.perf_counter() - start,
+        }
+        return VerifyResult(rewards, stats)
+
+    def close(self) -> None:
+        """Nothing to release; present so every verifier can be closed the same way."""
+
+    def __enter__(self) -> ExactMatchVerifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# math-verify worker processes
+
+
+class _TimeoutFlag(logging.Handler):
+    """math-verify reports its own (signal based) timeouts only as log warnings; count them as timeouts."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.fired = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "Timeout" in record.getMessage():
+            self.fired = True
+
+
+def _worker_main(fd: int, soft_timeout_s: int) -> None:
+    """Worker loop: receive (pred, tail, gold), answer (status, correct). Runs in its own main thread."""
+    # Ctrl-C goes to the whole process group; the parent owns shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn = Connection(fd)
+    from math_verify import parse, verify
+
+    flag = _TimeoutFlag()
+    mv_logger = logging.getLogger("math_verify")
+    # math-verify logs the full offending text on a timeout; a 200k-character response would flood stderr.
+    mv_logger.propagate = False
+    mv_logger.addHandler(flag)
+
+    @lru_cache(maxsize=8192)
+    def parse_gold(gold: str) -> list[Any]:
+        return parse(f"${gold}$", parsing_timeout=soft_timeout_s)
+
+    conn.send("ready")
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            return
+        if task is None:
+            return
+        pred, tail, gold = task
+        flag.fired = False
+        try:
+            gold_parsed = parse_gold(gold)
+            # An extracted answer is a bare LaTeX expression; without one, let math-verify find the last
+            # anchored or plain expression in the tail of the response.
+            pred_parsed = parse(f"${pred}$" if pred is not None else tail, parsing_timeout=soft_timeout_s)
+            correct = bool(gold_parsed and pred_parsed) and verify(
+                gold_parsed, pred_parsed, timeout_seconds=soft_timeout_s
+            )
+            status = "timeout" if flag.fired and not correct else "ok"
+        except Exception:
+            correct, status = False, "error"
+        conn.send((status, bool(correct)))
+
+
+class _Worker:
+    """One worker: a fresh interpreter (never a fork of a parent that may hold CUDA state or threads, and
+    unlike multiprocessing's spawn it does not re-import the caller's ``__main__``), talking over a socket."""
+
+    def __init__(self, soft_timeout_s: int, start_timeout_s: float) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_SRC_DIR, env.get("PYTHONPATH")]))
+        code = f"from nft_lit.reward import _worker_main; _worker_main({child_sock.fileno()}, {soft_timeout_s})"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code], pass_fds=[child_sock.fileno()], env=env, stdin=subprocess.DEVNULL
+        )
+        child_sock.close()
+        self.conn = Connection(parent_sock.detach())
+        self.ready = False
+        self.task: int | None = None
+        self.deadline = time.monotonic() + start_timeout_s
+
+    def stop(self, kill: bool) -> None:
+        if self.process.poll() is None:
+            if kill:
+                self.process.kill()
+            else:
+                try:
+                    self.conn.send(None)
+                except OSError:
+                    self.process.kill()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.conn.close()
+
+
+def _stop_all(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.stop(kill=True)
+    workers.clear()
+
+
+class MathVerifier:
+    """math-verify in a pool of ``num_workers`` processes with a per-answer wall-clock timeout.
+
+    Each (response, gold) pair gets ``timeout_s`` seconds of wall-clock time in a worker; past that the
+    worker is killed, replaced (in the background: the others keep scoring), and the pair scores 0
+    (``stats['timeouts']``). A worker that dies scores 0 (``stats['errors']``) and is replaced too. Pairs
+    whose extracted answer equals the gold up to spacing, or that are both plain numbers, are decided in the
+    parent without a round trip (``stats['fast_path']``, see ``_decide_locally``).
+    Workers start on first use (or on ``__enter__``); use as a context manager or call ``close()``.
+    """
+
+    def __init__(
+        self,
+        num_workers: int = 2,
+        timeout_s: float = 5.0,
+        strict_box: bool = False,
+        strict_box_tail_chars: int = 300,
+        start_timeout_s: float = 120.0,
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"MathVerifier: num_workers must be >= 1, got {num_workers}")
+        if timeout_s <= 0:
+            raise ValueError(f"MathVerifier: timeout_s must be > 0 seconds, got {timeout_s}")
+        if strict_box_tail_chars < 1:
+            raise ValueError(f"MathVerifier: strict_box_tail_chars must be >= 1, got {strict_box_tail_chars}")
+        self.num_workers = num_workers
+        self.timeout_s = float(timeout_s)
+        self.strict_box = strict_box
+        self.strict_box_tail_chars = strict_box_tail_chars
+        self.start_timeout_s = start_timeout_s
+        # math-verify's own alarms (whole seconds) end most slow checks cheaply inside the worker, without
+        # the cost of a restart; the hard deadline in the parent is the guarantee.
+        self._soft_timeout_s = max(1, int(self.timeout_s))
+        self._workers: list[_Worker] = []
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
+
+    def _spawn(self) -> _Worker:
+        return _Worker(self._soft_timeout_s, self.start_timeout_s)
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.stop(kill=True)
+        self._workers[self._workers.index(worker)] = self._spawn()
+
+    def _start(self) -> None:
+        if self._closed:
+            raise RuntimeError("MathVerifier: used after close()")
+        while len(self._workers) < self.num_workers:
+            self._workers.append(self._spawn())
+
+    def close(self) -> None:
+        """Stop all workers (idempotent)."""
+        for worker in self._workers:
+            worker.stop(kill=not worker.ready or worker.task is not None)
+        self._workers.clear()
+        self._closed = True
+        self._finalizer.detach()
+
+    def __enter__(self) -> MathVerifier:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def score(self, responses: list[str], golds: list[str], truncated: list[bool]) -> VerifyResult:
+        _check_lengths(responses, golds, truncated)
+        start = time.perf_counter()
+        rewards = [0.0] * len(responses)
+        stats = {"timeouts": 0.0, "errors": 0.0, "truncated": 0.0, "no_answer": 0.0, "fast_path": 0.0}
+        tasks: deque[tuple[int, tuple[str | None, str, str]]] = deque()
+        for i, (response, gold, cut) in enumerate(zip(responses, golds, truncated)):
+            if cut:
+                stats["truncated"] += 1
+                continue
+            pred = extract_answer(response, self.strict_box, self.strict_box_tail_chars)
+            if pred is None and self.strict_box:
+                stats["no_answer"] += 1
+            elif pred is not None and (verdict := _decide_locally(pred, gold)) is not None:
+                rewards[i] = float(verdict)
+                stats["fast_path"] += 1
+            else:
+                tail = response[-self.strict_box_tail_chars :] if pred is None else ""
+                tasks.append((i, (pred, tail, gold)))
+        if tasks:
+            self._run(tasks, rewards, stats)
+        stats["seconds"] = time.perf_counter() - start
+        return VerifyResult(rewards, stats)
+
+    def _run(
+        self,
+        tasks: deque[tuple[int, tuple[str | None, str, str]]],
+        rewards: list[float],
+        stats: dict[str, float],
+    ) -> None:
+        self._start()
+        while tasks or any(worker.task is not None for worker in self._workers):
+            for worker in self._workers:
+                if tasks and worker.ready and worker.task is None:
+                    index, payload = tasks.popleft()
+                    worker.task, worker.deadline = index, time.monotonic() + self.timeout_s
+                    worker.conn.send(payload)
+            # Wait on busy workers (for results) and starting ones (for their "ready").
+            waiting = {w.conn: w for w in self._workers if w.task is not None or not w.ready}
+            next_deadline = min(w.deadline for w in waiting.values())
+            for conn in wait(list(waiting), timeout=max(0.0, next_deadline - time.monotonic())):
+                worker = waiting.pop(conn)
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    if not worker.ready:
+                        raise RuntimeError(
+                            f"MathVerifier: a worker exited during start-up (exit code "
+                            f"{worker.process.wait()}); check that `import math_verify` works in "
+                            f"{sys.executable}"
+                        ) from None
+                    stats["errors"] += 1
+                    self._replace(worker)
+                    continue
+                if not worker.ready:
+                    worker.ready = True
+                    continue
+                index, worker.task = worker.task, None
+                status, correct = message
+                if status == "ok":
+                    rewards[index] = float(correct)
+                else:
+                    stats["timeouts" if status == "timeout" else "errors"] += 1
+            now = time.monotonic()
+            for worker in waiting.values():
+                if now < worker.deadline:
+                    continue
+                if not worker.ready:
+                    raise RuntimeError(
+                        f"MathVerifier: a worker did not start within {self.start_timeout_s:.0f} s "
+                        f"(start_timeout_s); is the machine overloaded?"
+                    )
+                stats["timeouts"] += 1
+                self._replace(worker)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DAPO overlong reward shaping
+
+
+def overlong_penalty(lengths: list[int], max_response_len: int, buffer: int, factor: float = 1.0) -> list[float]:
+    """DAPO soft overlong punishment: ``min(-(L - (L_max - B)) / B * factor, 0)`` per answer length L.
+
+    Zero up to ``L_max - B`` tokens, then linear down to ``-factor`` at ``L_max``; added to the binary reward
+    (which then stops being binary, so NFT/RFT refuse it).
+    """
+    if max_response_len < 1:
+        raise ValueError(f"overlong_penalty: max_response_len must be >= 1, got {max_response_len}")
+    if not 0 < buffer <= max_response_len:
+        raise ValueError(f"overlong_penalty: buffer must be in (0, max_response_len={max_response_len}], got {buffer}")
+    if factor < 0:
+        raise ValueError(f"overlong_penalty: factor must be >= 0, got {factor}")
+    start = max_response_len - buffer
+    return [min(-(length - start) / buffer * factor, 0.0) for length in lengths]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `nft-lit verify IN.jsonl OUT.jsonl`
+
+
+def _read_pairs(path: str) -> list[dict[str, Any]]:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            for key in ("response", "gold"):
+                if key not in record:
+                    raise ValueError(f"{path}:{line_no}: missing field '{key}'")
+                if not isinstance(record[key], str):
+                    raise ValueError(
+                        f"{path}:{line_no}: field '{key}' must be a string, got "
+                        f"{type(record[key]).__name__} ({record[key]!r:.40})"
+                    )
+            if not isinstance(record.get("truncated", False), bool):
+                raise ValueError(f"{path}:{line_no}: field 'truncated' must be true or false when present")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: empty file (expected one JSON object per line with 'response' and 'gold')")
+    return records
+
+
+def verify_command(argv: list[str]) -> int:
+    """``nft-lit verify IN.jsonl OUT.jsonl``: re-grade (response, gold) pairs, writing ``reward`` per line."""
+    parser = argparse.ArgumentParser(
+        prog="nft-lit verify",
+        description="Score each line's 'response' against its 'gold' answer (optional 'truncated': true scores "
+        "0). Writes the input lines, in order, with 'reward' (0 or 1) added.",
+    )
+    parser.add_argument("input", help="jsonl file, one object per line with 'response' and 'gold' strings")
+    parser.add_argument("output", help="jsonl file to write")
+    parser.add_argument("--workers", type=int, default=2, help="math-verify worker processes (default 2)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per answer (default 5)")
+    parser.add_argument("--strict-box", action="store_true", help="only accept a \\boxed{} near the end")
+    parser.add_argument("--strict-box-tail-chars", type=int, default=300, help="tail length for --strict-box")
+    parser.add_argument("--exact", action="store_true", help="exact string match instead of math-verify")
+    args = parser.parse_args(argv)
+    try:
+        records = _read_pairs(args.input)
+        verifier = (
+            ExactMatchVerifier()
+            if args.exact
+            else MathVerifier(args.workers, args.timeout, args.strict_box, args.strict_box_tail_chars)
+        )
+    except ValueError as exc:
+        print(f"nft-lit verify: {exc}", file=sys.stderr)
+        return 2
+    with verifier:
+        result = verifier.score(
+            [r["response"] for r in records],
+            [r["gold"] for r in records],
+            [r.get("truncated", False) for r in records],
+        )
+    with open(args.output, "w", encoding="utf-8") as handle:
+        for record, reward in zip(records, result.rewards):
+            handle.write(json.dumps({**record, "reward": int(reward)}, ensure_ascii=False) + "\n")
+    summary = ", ".join(f"{key} {value:g}" for key, value in result.stats.items())
+    mean = sum(result.rewards) / len(result.rewards)
+    print(f"nft-lit verify: {len(records)} lines, mean reward {mean:.4f} ({summary})", file=sys.stderr)
+    return 0
