@@ -1,13 +1,30 @@
-"""`nft-lit` command line: one sub-command per job, each implemented next to the concept it drives."""
+"""`nft-lit` command line: one sub-command per job, each implemented next to the concept it drives.
+
+``fit`` / ``validate`` / ``export`` are Hydra apps over ``configs/train.yaml`` (so ``-m`` sweeps,
+``hydra.run.dir=DIR`` and every override work); ``cli`` is a LightningCLI over the same classes.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
+from typing import Any
+
+import nft_lit
+
+CONFIG_DIR = Path(nft_lit.__file__).resolve().parents[2] / "configs"
+"""The repo's configs/ folder (the package is installed editable from src/)."""
+
+KNOWN_ALGORITHMS = ("nft", "rft", "grpo", "dr_grpo", "dapo", "infonca")
 
 # sub-command -> "module:function"; each function takes the remaining argv and returns an exit code.
 # Imports are lazy so `nft-lit verify` does not pay for importing torch/lightning/vllm.
 _COMMANDS = {
+    "fit": ("nft_lit.cli:fit_command", "train (Hydra: nft-lit fit experiment=smoke algorithm=nft ...)"),
+    "validate": ("nft_lit.cli:validate_command", "evaluate a checkpoint (nft-lit validate ckpt_path=... data=...)"),
+    "export": ("nft_lit.cli:export_command", "write a checkpoint as an HF folder (ckpt_path=... out=DIR)"),
+    "cli": ("nft_lit.cli:lightning_cli_command", "LightningCLI: nft-lit cli fit --config FILE"),
     "verify": ("nft_lit.reward:verify_command", "re-grade a jsonl file of (response, gold) pairs"),
     "convert-smollm2": (
         "nft_lit.models:convert_smollm2_command",
@@ -34,6 +51,280 @@ def main(argv: list[str] | None = None) -> int:
     module_name, func_name = _COMMANDS[name][0].split(":")
     command = getattr(importlib.import_module(module_name), func_name)
     return int(command(rest) or 0)
+
+
+# ---------------------------------------------------------------------------------------------- config checks
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the option."""
+
+
+def _import_target(target: str) -> Any:
+    module_name, _, attr = target.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def check_config(cfg: Any) -> None:
+    """Fail at start, naming the option, on configurations that cannot train correctly."""
+    from omegaconf import OmegaConf
+
+    algo = cfg.algorithm
+    if algo.get("name") not in KNOWN_ALGORITHMS:
+        raise ConfigError(f"algorithm.name={algo.get('name')!r} is unknown; expected one of {KNOWN_ALGORITHMS}")
+    loss_cfg = algo.loss
+    if "epsilon" in loss_cfg and not loss_cfg.epsilon > 0:
+        raise ConfigError(f"algorithm.loss.epsilon must be > 0 (NFT's negative-ratio floor), got {loss_cfg.epsilon}")
+    k = algo.num_answers
+    if algo.dynamic_sampling and k < 2:
+        raise ConfigError(
+            f"algorithm.dynamic_sampling=true needs algorithm.num_answers (K) >= 2 (a group of one answer is"
+            f" never mixed), got {k}"
+        )
+    if k < 2:
+        raise ConfigError(f"algorithm.num_answers (K) must be >= 2 for group statistics, got {k}")
+    loss_cls = _import_target(loss_cfg._target_)
+    if getattr(loss_cls, "requires_binary_rewards", False) and algo.get("overlong_buffer") is not None:
+        raise ConfigError(
+            f"algorithm.overlong_buffer={algo.overlong_buffer} makes rewards non-binary, but {loss_cls.__name__}"
+            f" ({algo.name}) needs binary rewards (paper Eq. 10): set algorithm.overlong_buffer=null"
+        )
+    if getattr(loss_cls, "requires_whole_groups", False) and not cfg.datamodule.whole_groups:
+        raise ConfigError(f"{loss_cls.__name__} needs whole groups per micro-batch: set datamodule.whole_groups=true")
+    if cfg.get("data") is None or cfg.data.get("problems") is None:
+        raise ConfigError("data: no training data selected; pass data=<name> (configs/data) or an experiment")
+    data_dir = cfg.data.get("data_dir")
+    if data_dir and not Path(str(data_dir)).expanduser().is_dir():
+        raise ConfigError(f"data.data_dir={data_dir} does not exist")
+    for key in ("path", "file"):
+        value = OmegaConf.select(cfg, f"data.problems.{key}")
+        if value and not Path(str(value)).expanduser().exists():
+            raise ConfigError(f"data.problems.{key}={value} does not exist")
+    if cfg.get("model") is None:
+        raise ConfigError("model: no model selected; pass model=<name> (configs/model) or an experiment")
+    if cfg.get("rollout") is None:
+        raise ConfigError("rollout: no rollout engine selected; pass rollout=<name> (configs/rollout)")
+
+
+# ---------------------------------------------------------------------------------------------- building
+def _run_hydra(argv: list[str], task: Any, name: str) -> int:
+    import hydra
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+    def _app(cfg: Any) -> None:
+        task(cfg)
+
+    saved = sys.argv
+    sys.argv = [f"nft-lit {name}", *argv]
+    try:
+        _app()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def build_callbacks(cfg: Any) -> list[Any]:
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+
+    from nft_lit.evaluation import Benchmark, HeldOutEvaluation
+    from nft_lit.module import PhaseProgressBar
+
+    callbacks: list[Any] = [
+        PhaseProgressBar(),
+        ModelCheckpoint(
+            dirpath=str(Path(cfg.run_dir) / "checkpoints"),
+            save_last=cfg.checkpoint.save_last,
+            save_top_k=0,
+            every_n_epochs=cfg.checkpoint.every_n_iterations,
+            save_on_train_epoch_end=True,
+        ),
+        LearningRateMonitor(logging_interval="step"),
+    ]
+    if cfg.eval.heldout is not None:
+        bench = Benchmark(
+            name=cfg.eval.name,
+            problems=instantiate(cfg.eval.heldout),
+            num_samples=cfg.eval.num_samples,
+            sampling=instantiate(cfg.eval.sampling),
+            pass_k=tuple(cfg.eval.pass_k),
+        )
+        callbacks.append(
+            HeldOutEvaluation(
+                [bench],
+                sampling=instantiate(cfg.eval.sampling),
+                every_n_iterations=cfg.eval.every_n_iterations,
+                at_start=cfg.eval.at_start,
+                batch_prompts=cfg.eval.batch_prompts,
+            )
+        )
+    return callbacks
+
+
+def build_loggers(cfg: Any) -> list[Any]:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers: list[Any] = []
+    if cfg.logging.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(cfg.run_dir), name="tb", version=""))
+    if cfg.logging.csv:
+        loggers.append(CSVLogger(save_dir=str(cfg.run_dir), name="csv", version=""))
+    return loggers
+
+
+def build_trainer(cfg: Any, **overrides: Any) -> Any:
+    from hydra.utils import instantiate
+
+    return instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg), **overrides)
+
+
+def _ckpt_path(cfg: Any) -> str | None:
+    path = cfg.get("ckpt_path")
+    if path is None or path == "last":
+        return path
+    if not Path(str(path)).exists():
+        raise ConfigError(f"ckpt_path={path} does not exist")
+    return str(path)
+
+
+def run_fit(cfg: Any) -> dict[str, float]:
+    """Build everything from the composed config and train; returns the trainer's last logged metrics."""
+    import lightning.pytorch as pl
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    check_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    module = instantiate(cfg.module, _convert_="object")
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    datamodule = instantiate(cfg.datamodule, _convert_="object")
+    trainer = build_trainer(cfg)
+    ckpt = _ckpt_path(cfg)
+    if ckpt == "last" and not (Path(cfg.run_dir) / "checkpoints" / "last.ckpt").exists():
+        raise ConfigError(f"ckpt_path=last but {Path(cfg.run_dir) / 'checkpoints' / 'last.ckpt'} does not exist")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    return {k: float(v) for k, v in trainer.logged_metrics.items()}
+
+
+def fit_command(argv: list[str]) -> int:
+    return _run_hydra(argv, run_fit, "fit")
+
+
+# ---------------------------------------------------------------------------------------------- validate/export
+def load_policy(ckpt_path: str) -> tuple[Any, Any]:
+    """(PolicyModule with the checkpoint's weights, the run config stored in the checkpoint)."""
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    path = Path(ckpt_path)
+    if path.is_dir():
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} is a sharded checkpoint folder; consolidate it first with"
+            " `python -m lightning.pytorch.utilities.consolidate_checkpoint`"
+        )
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if "nft_lit_config" not in ckpt:
+        raise ConfigError(f"ckpt_path={ckpt_path} was not written by `nft-lit fit` (no nft_lit_config inside)")
+    run_cfg = OmegaConf.create(ckpt["nft_lit_config"])
+    module = instantiate(run_cfg.module, _convert_="object")
+    module.configure_model()
+    module.load_state_dict(ckpt["state_dict"])
+    return module, run_cfg
+
+
+def run_validate(cfg: Any) -> dict[str, float]:
+    """Evaluate ``ckpt_path`` on ``validate.benchmarks`` (or the selected ``data``); log and write JSON."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from nft_lit.evaluation import Benchmark, evaluate_benchmarks, write_results
+
+    if cfg.get("ckpt_path") is None:
+        raise ConfigError("validate needs ckpt_path=<checkpoint file>")
+    module, run_cfg = load_policy(str(cfg.ckpt_path))
+    model = module.model.eval()
+    names = cfg.validate.benchmarks
+    data_nodes = (
+        [cfg.data]
+        if names is None
+        else [OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "data" / f"{n}.yaml")) for n in names]
+    )
+    base = instantiate(cfg.validate.sampling)
+    benchmarks = []
+    for node in data_nodes:
+        k = cfg.validate.num_samples_by_benchmark.get(node.name, node.get("eval_samples", cfg.validate.num_samples))
+        sampling = type(base)(
+            temperature=node.get("eval_temperature", base.temperature),
+            top_p=node.get("eval_top_p", base.top_p),
+            top_k=base.top_k,
+            max_new_tokens=base.max_new_tokens,
+            seed=base.seed,
+        )
+        ks = tuple(j for j in cfg.validate.pass_k if j <= k)
+        benchmarks.append(Benchmark(str(node.name), instantiate(node.problems), int(k), sampling, ks))
+    engine = instantiate(run_cfg.rollout if cfg.get("rollout") is None else cfg.rollout)
+    if not hasattr(engine, "generate"):
+        engine = engine()
+    engine.sync_weights(model)
+    tokenizer = instantiate(run_cfg.tokenizer)
+    template = instantiate(run_cfg.prompt) if run_cfg.get("prompt") is not None else None
+    verifier = instantiate(cfg.reward.verifier)
+    results = evaluate_benchmarks(benchmarks, engine, tokenizer, template, verifier, base, cfg.validate.batch_prompts)
+    for logger in build_loggers(cfg):
+        logger.log_metrics({f"validate/{k}": v for k, v in results.items()}, step=0)
+        logger.finalize("success")
+    path = write_results(results, cfg.validate.out, {"ckpt_path": str(cfg.ckpt_path)})
+    for key, value in sorted(results.items()):
+        print(f"{key:<40} {value:.4f}")
+    print(f"wrote {path}")
+    return results
+
+
+def validate_command(argv: list[str]) -> int:
+    return _run_hydra(argv, run_validate, "validate")
+
+
+def run_export(cfg: Any) -> Path:
+    """Write the checkpoint's policy as an HF folder (weights, config, tokenizer) at ``out``."""
+    from hydra.utils import instantiate
+
+    from nft_lit.models import save_hf_folder
+
+    if cfg.get("ckpt_path") is None or cfg.get("out") is None:
+        raise ConfigError("export needs ckpt_path=<checkpoint file> and out=<folder>")
+    module, run_cfg = load_policy(str(cfg.ckpt_path))
+    path = save_hf_folder(module.model, instantiate(run_cfg.tokenizer), str(cfg.out))
+    print(f"wrote {path}")
+    return path
+
+
+def export_command(argv: list[str]) -> int:
+    return _run_hydra(argv, run_export, "export")
+
+
+def lightning_cli_command(argv: list[str]) -> int:
+    """LightningCLI over PolicyModule / RolloutDataModule (their typed constructors are the schema)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from nft_lit.datamodule import RolloutDataModule
+    from nft_lit.module import PolicyModule
+
+    LightningCLI(
+        PolicyModule,
+        RolloutDataModule,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "reload_dataloaders_every_n_epochs": 1,
+            "use_distributed_sampler": False,
+            "num_sanity_val_steps": 0,
+            "limit_val_batches": 0,
+            "log_every_n_steps": 1,
+        },
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ derived from (seed, i, r, k). A resumed run therefore re-uses and skips no promp
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -25,11 +26,15 @@ from torch.utils.data import DataLoader
 
 from nft_lit.losses import LossBatch, group_stats
 from nft_lit.reward import overlong_penalty
+from nft_lit.rollout import check_logprob_gap, logprob_gap
 
 if TYPE_CHECKING:
     from nft_lit.data import Problem
+    from nft_lit.prompts import PromptTemplate
     from nft_lit.reward import Verifier
     from nft_lit.rollout import RolloutBatch, RolloutEngine, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,6 +105,13 @@ def _derive_seed(*parts: int) -> int:
     return h
 
 
+def encode_prompt(question: str, template: PromptTemplate | None, tokenizer: Any) -> list[int]:
+    """Prompt token ids: through the template when given, else the bare question without special tokens."""
+    if template is None:
+        return list(tokenizer.encode(question, add_special_tokens=False))
+    return list(template.encode(question, tokenizer))
+
+
 def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -107,7 +119,7 @@ def _world() -> tuple[int, int]:
 
 
 def _all_gather_objects(obj: Any) -> list[Any]:
-    rank, world = _world()
+    _, world = _world()
     if world == 1:
         return [obj]
     out: list[Any] = [None] * world
@@ -143,7 +155,7 @@ class RolloutDataModule(pl.LightningDataModule):
         engine: the rollout engine, or a zero-argument factory called once at ``setup`` (engines that
             hold a model copy or a vLLM instance are built lazily, after the trainer has a device).
         tokenizer: HF-style tokenizer (``encode``, ``decode``, ``eos_token_id``, ``pad_token_id``).
-        prompt_template: maps a question to the prompt text.
+        prompt_template: ``PromptTemplate`` turning a question into prompt ids; None encodes the bare question.
         verifier: ``Verifier`` scoring decoded answers against the gold answers.
         sampling: sampling parameters of training rollouts (its ``seed`` is replaced per round).
         prompts_per_step: kept groups per iteration (the paper's 512).
@@ -158,6 +170,8 @@ class RolloutDataModule(pl.LightningDataModule):
         overlong_buffer / overlong_penalty_factor: DAPO overlong reward shaping (off when buffer is None).
         max_prompt_tokens: prompts longer than this are refused at setup.
         whole_groups: keep each group in one micro-batch (required by group-level losses like InfoNCA).
+        max_logprob_gap: fail when the mean |engine - trainer| log-prob gap exceeds this (a broken weight
+            sync); None only logs it.
         seed: root of every random choice of the data pipeline.
     """
 
@@ -166,7 +180,7 @@ class RolloutDataModule(pl.LightningDataModule):
         problems: Sequence[Problem],
         engine: RolloutEngine | Callable[[], RolloutEngine],
         tokenizer: Any,
-        prompt_template: Callable[[str], str],
+        prompt_template: PromptTemplate | None,
         verifier: Verifier,
         sampling: SamplingParams,
         prompts_per_step: int,
@@ -181,6 +195,7 @@ class RolloutDataModule(pl.LightningDataModule):
         overlong_penalty_factor: float = 1.0,
         max_prompt_tokens: int | None = None,
         whole_groups: bool = False,
+        max_logprob_gap: float | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -225,6 +240,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.overlong_penalty_factor = overlong_penalty_factor
         self.max_prompt_tokens = max_prompt_tokens
         self.whole_groups = whole_groups
+        self.max_logprob_gap = max_logprob_gap
         self.seed = seed
         # Resume state: prompts consumed so far (index into the concatenated per-pass permutations).
         self.cursor = 0
@@ -234,6 +250,12 @@ class RolloutDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ set-up and state
     def setup(self, stage: str | None = None) -> None:
+        _, world = _world()
+        per_round = self.gen_prompts_per_round if self.dynamic_sampling else self.prompts_per_step
+        option = "data.gen_prompts_per_round" if self.dynamic_sampling else "data.prompts_per_step"
+        if per_round % world:
+            # Engines that generate with a sharded model need the same number of prompts on every rank.
+            raise ValueError(f"{option}={per_round} must be a multiple of the number of ranks ({world})")
         if self.engine is None:
             e = self._engine_or_factory
             self.engine = e if hasattr(e, "generate") else e()  # type: ignore[operator]
@@ -257,8 +279,7 @@ class RolloutDataModule(pl.LightningDataModule):
 
     def prompt_ids(self, problem_index: int) -> list[int]:
         if problem_index not in self._prompt_cache:
-            text = self.prompt_template(self.problems[problem_index].question)
-            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+            ids = encode_prompt(self.problems[problem_index].question, self.prompt_template, self.tokenizer)
             if self.max_prompt_tokens is not None and len(ids) > self.max_prompt_tokens:
                 raise ValueError(
                     f"problem {self.problems[problem_index].id!r}: prompt has {len(ids)} tokens,"
@@ -477,23 +498,21 @@ class RolloutDataModule(pl.LightningDataModule):
         ``logprob_fn(input_ids, attention_mask, prompt_len)`` returns the response-token log-probs
         (``PolicyModule.response_logprobs``); the caller puts the model in eval mode.
         """
-        gap_sum, gap_max, tokens = 0.0, 0.0, 0.0
+        gap_sum, tokens = 0.0, 0.0
         for step in steps:
             for mb in step.micro_batches:
                 moved = mb.to(device)
                 lp = logprob_fn(moved.input_ids, moved.attention_mask, moved.prompt_len).float().cpu()
                 mask = mb.loss_batch.response_mask
                 mb.loss_batch.old_logprobs = lp * mask
-                diff = (lp - mb.engine_logprobs).abs() * mask
-                gap_sum += float(diff.sum())
-                gap_max = max(gap_max, float(diff.max()) if diff.numel() else 0.0)
-                tokens += float(mask.sum())
-        totals = _all_gather_objects((gap_sum, gap_max, tokens))
-        n = sum(t for _, _, t in totals)
-        return {
-            "logprob_gap_mean": sum(s for s, _, _ in totals) / max(n, 1.0),
-            "logprob_gap_max": max(m for _, m, _ in totals),
-        }
+                n = float(mask.sum())
+                if n > 0:
+                    gap_sum += logprob_gap(mb.engine_logprobs, lp, mask) * n
+                    tokens += n
+        totals = _all_gather_objects((gap_sum, tokens))
+        gap = sum(s for s, _ in totals) / max(sum(t for _, t in totals), 1.0)
+        check_logprob_gap(gap, self.max_logprob_gap)
+        return {"logprob_gap": gap}
 
     def train_dataloader(self) -> DataLoader:
         if not self._has_trainer():
@@ -506,12 +525,15 @@ class RolloutDataModule(pl.LightningDataModule):
         sync_stats = self.engine.sync_weights(model.model)
         groups, stats = self.collect()
         stats.update({f"sync_{k}": float(v) for k, v in (sync_stats or {}).items()})
-        if not groups:
-            raise RuntimeError(
-                f"iteration {self.iteration}: no group was kept after {stats['gen_rounds']:.0f} rounds;"
-                " raise data.max_gen_rounds or check the task difficulty"
+        if groups:
+            steps = self.build_steps(groups)
+        else:
+            # Nothing to learn from (e.g. every group all-wrong): one empty step keeps the run alive
+            # (an empty epoch would end `fit`); the module skips it and rollout/kept_groups logs 0.
+            log.warning(
+                "iteration %d: no group kept after %d rounds; skipping the update", self.iteration, stats["gen_rounds"]
             )
-        steps = self.build_steps(groups)
+            steps = [StepBatch([], 0)]
         self._phase("old-logprobs")
         was_training = model.training
         model.eval()

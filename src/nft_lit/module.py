@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import importlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,6 +22,7 @@ from torch import Tensor, nn
 
 from nft_lit.datamodule import MicroBatch, StepBatch
 from nft_lit.losses import PolicyLoss
+from nft_lit.models import ModelSpec, load_model
 
 
 def response_logprobs_and_entropy(
@@ -103,8 +103,8 @@ class PolicyModule(pl.LightningModule):
     """The policy being fine-tuned, trained through a ``PolicyLoss`` (configs/algorithm/*.yaml).
 
     Args:
-        model: a causal LM, or a zero-argument factory for one (built in ``configure_model`` so that
-            FSDP can shard it as it is created).
+        model: a ``ModelSpec`` (configs/model/*.yaml; built by ``models.load_model`` in ``configure_model``
+            so that FSDP shards it as it is created), or an already built causal LM.
         loss: the policy loss; ``loss.kl_coef > 0`` adds a frozen reference copy of the initial model.
         lr: peak AdamW learning rate (paper: 1e-6 for 7B).
         weight_decay: AdamW weight decay (paper: 0.1).
@@ -118,7 +118,7 @@ class PolicyModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: nn.Module | Callable[[], nn.Module],
+        model: ModelSpec | nn.Module,
         loss: PolicyLoss,
         lr: float = 1e-6,
         weight_decay: float = 0.1,
@@ -149,6 +149,8 @@ class PolicyModule(pl.LightningModule):
         self.grad_clip = grad_clip
         self.temperature = temperature
         self.fsdp_reshard_after_forward = fsdp_reshard_after_forward
+        # The resolved run config (set by `nft-lit fit`), stored in checkpoints for validate/export.
+        self.run_config: dict[str, Any] | None = None
         self._epoch_start = 0.0
         self._train_tokens = 0.0
         self._train_seconds = 0.0
@@ -163,7 +165,7 @@ class PolicyModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = self._model_source()  # type: ignore[operator]
+            self.model = load_model(self._model_source)  # type: ignore[arg-type]
             self._make_reference()
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None and not getattr(self, "_fsdp2_applied", False):
@@ -222,6 +224,10 @@ class PolicyModule(pl.LightningModule):
             norm = norm.full_tensor()
         return norm.detach().float()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["nft_lit_config"] = self.run_config
+
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
@@ -248,7 +254,9 @@ class PolicyModule(pl.LightningModule):
         self.manual_backward(out.loss * scale)
         return out.loss.detach(), out.metrics, (entropy.detach() * mask).sum(), mask.sum()
 
-    def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor | None:
+        if not batch.micro_batches:
+            return None  # an iteration that kept no group (identical on every rank): no update
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         world = self.trainer.world_size

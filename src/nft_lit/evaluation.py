@@ -1,0 +1,252 @@
+"""Benchmark evaluation: avg@k and pass@k as torchmetrics, per benchmark and averaged.
+
+The paper reports avg@32 on AIME24/AIME25/AMC23 and avg@1 on MATH500/Olympiad/Minerva, sampling with top-p
+0.7 at temperature 1.0 (7B) or 0.6 (32B). ``avg@k`` is the mean correctness of k samples per problem;
+``pass@k`` is the unbiased estimator 1 − C(n−c, k)/C(n, k) from n ≥ k samples with c correct (Chen et al.,
+2021). Problems are sharded over ranks and the metrics' states are summed across them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from nft_lit.data import Problem
+from nft_lit.datamodule import encode_prompt
+from nft_lit.prompts import PromptTemplate
+from nft_lit.reward import Verifier
+from nft_lit.rollout import RolloutEngine, SamplingParams
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 − C(n−c, k) / C(n, k)."""
+    if not 1 <= k <= num_samples:
+        raise ValueError(f"pass@k needs 1 <= k <= n samples, got k={k}, n={num_samples}")
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
+
+
+class AvgAtK(Metric):
+    """Mean correctness over all samples of all problems (the paper's avg@k with k samples per problem)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("problems", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, correct: Tensor) -> None:
+        """correct: [P, n] 0/1 of n samples for each of P problems."""
+        if correct.dim() != 2:
+            raise ValueError(f"AvgAtK.update: correct must be [problems, samples], got {tuple(correct.shape)}")
+        self.total += correct.double().mean(-1).sum()
+        self.problems += correct.shape[0]
+
+    def compute(self) -> Tensor:
+        return (self.total / self.problems.clamp(min=1)).float()
+
+
+class PassAtK(Metric):
+    """Unbiased pass@k averaged over problems; needs at least k samples per problem."""
+
+    full_state_update = False
+
+    def __init__(self, k: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if k < 1:
+            raise ValueError(f"PassAtK: k must be >= 1, got {k}")
+        self.k = k
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("problems", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, correct: Tensor) -> None:
+        if correct.dim() != 2:
+            raise ValueError(f"PassAtK.update: correct must be [problems, samples], got {tuple(correct.shape)}")
+        n = correct.shape[1]
+        for c in correct.sum(-1).tolist():
+            self.total += pass_at_k(n, int(c), self.k)
+        self.problems += correct.shape[0]
+
+    def compute(self) -> Tensor:
+        return (self.total / self.problems.clamp(min=1)).float()
+
+
+@dataclass
+class Benchmark:
+    """A problem set with its evaluation protocol.
+
+    Args:
+        name: key of the logged metrics (``val/<name>/avg@k``).
+        problems: the problems.
+        num_samples: samples per problem (k of avg@k; the paper: 32 for AIME/AMC, 1 elsewhere).
+        sampling: sampling parameters (paper: top-p 0.7, temperature 1.0 or 0.6); ``temperature=0`` is greedy.
+        pass_k: the k values of pass@k to report (each <= num_samples).
+    """
+
+    name: str
+    problems: Sequence[Problem]
+    num_samples: int = 1
+    sampling: SamplingParams | None = None
+    pass_k: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"benchmark {self.name}: num_samples must be >= 1, got {self.num_samples}")
+        for k in self.pass_k:
+            if not 1 <= k <= self.num_samples:
+                raise ValueError(
+                    f"benchmark {self.name}: pass_k value {k} must be in [1, num_samples={self.num_samples}]"
+                )
+        if len(self.problems) == 0:
+            raise ValueError(f"benchmark {self.name}: the problem set is empty")
+
+
+def evaluate_benchmark(
+    benchmark: Benchmark,
+    engine: RolloutEngine,
+    tokenizer: Any,
+    prompt_template: PromptTemplate | None,
+    verifier: Verifier,
+    default_sampling: SamplingParams,
+    batch_prompts: int = 64,
+) -> dict[str, float]:
+    """Generate ``num_samples`` answers per problem, verify, and return avg@k / pass@k (all ranks summed).
+
+    The engine must already hold the weights to evaluate (``engine.sync_weights``). Every rank must call
+    this (collectives); each generates its own shard of the problems.
+    """
+    rank, world = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    sampling = benchmark.sampling or default_sampling
+    k = benchmark.num_samples
+    avg = AvgAtK()
+    passes = {j: PassAtK(j) for j in benchmark.pass_k}
+    shard = list(benchmark.problems)[rank::world]
+    # Sharded engines need the same number of generate calls everywhere: pad shards to equal batch counts.
+    per_rank = math.ceil(len(benchmark.problems) / world)
+    t0 = time.perf_counter()
+    tokens = 0
+    for start in range(0, per_rank, batch_prompts):
+        chunk = shard[start : start + batch_prompts]
+        padded = chunk or list(benchmark.problems[:1])
+        prompts = [encode_prompt(p.question, prompt_template, tokenizer) for p in padded]
+        out = engine.generate(prompts, k, sampling)
+        if not chunk:
+            continue
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in out.response_ids]
+        golds = [p.answer for p in chunk for _ in range(k)]
+        result = verifier.score(texts, golds, list(out.truncated))
+        correct = torch.tensor(result.rewards, dtype=torch.float32).view(len(chunk), k)
+        avg.update(correct)
+        for m in passes.values():
+            m.update(correct)
+        tokens += sum(len(r) for r in out.response_ids)
+    # Metric.compute() sums the states over ranks when torch.distributed is initialised.
+    results = {f"avg@{k}": float(avg.compute())}
+    results.update({f"pass@{j}": float(m.compute()) for j, m in passes.items()})
+    results["seconds"] = time.perf_counter() - t0
+    results["tokens"] = float(tokens)
+    return results
+
+
+def evaluate_benchmarks(
+    benchmarks: Sequence[Benchmark],
+    engine: RolloutEngine,
+    tokenizer: Any,
+    prompt_template: PromptTemplate | None,
+    verifier: Verifier,
+    default_sampling: SamplingParams,
+    batch_prompts: int = 64,
+) -> dict[str, float]:
+    """Flat ``{"<bench>/avg@k": ..., "average/avg": ...}``; the average is over benchmarks' avg@k."""
+    out: dict[str, float] = {}
+    headline = []
+    for b in benchmarks:
+        res = evaluate_benchmark(b, engine, tokenizer, prompt_template, verifier, default_sampling, batch_prompts)
+        out.update({f"{b.name}/{key}": value for key, value in res.items()})
+        headline.append(res[f"avg@{b.num_samples}"])
+    out["average/avg"] = sum(headline) / len(headline)
+    return out
+
+
+def write_results(results: dict[str, float], path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the results (and run facts such as the checkpoint) as indented JSON; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": results, **(extra or {})}, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+class HeldOutEvaluation(pl.Callback):
+    """In-training validation on held-out benchmarks every ``every_n_iterations`` iterations.
+
+    Uses the datamodule's engine, tokenizer, prompt template and verifier, so it evaluates exactly the
+    policy being trained; logs ``val/<bench>/avg@k`` (and pass@k) against the global step.
+
+    Args:
+        benchmarks: the held-out sets.
+        every_n_iterations: evaluate after every n-th iteration (and before the first when ``at_start``).
+        at_start: also evaluate the initial policy.
+        sampling: default sampling of the benchmarks without their own (``temperature=0`` is greedy).
+        batch_prompts: prompts per ``generate`` call.
+    """
+
+    def __init__(
+        self,
+        benchmarks: Sequence[Benchmark],
+        sampling: SamplingParams,
+        every_n_iterations: int = 1,
+        at_start: bool = True,
+        batch_prompts: int = 64,
+    ) -> None:
+        if every_n_iterations < 1:
+            raise ValueError(f"eval.every_n_iterations must be >= 1, got {every_n_iterations}")
+        self.benchmarks = list(benchmarks)
+        self.sampling = sampling
+        self.every_n_iterations = every_n_iterations
+        self.at_start = at_start
+        self.batch_prompts = batch_prompts
+        self.history: list[dict[str, float]] = []
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        dm.setup("fit")
+        dm.engine.sync_weights(pl_module.model)
+        results = evaluate_benchmarks(
+            self.benchmarks,
+            dm.engine,
+            dm.tokenizer,
+            dm.prompt_template,
+            dm.verifier,
+            self.sampling,
+            self.batch_prompts,
+        )
+        self.history.append({"step": float(trainer.global_step), **results})
+        pl_module.log_dict({f"val/{k}": v for k, v in results.items()}, on_step=False, on_epoch=True)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_start and trainer.current_epoch == 0:
+            self._run(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_iterations == 0:
+            self._run(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))

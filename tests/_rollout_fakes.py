@@ -1,0 +1,80 @@
+"""Test doubles for the rollout side: a seeded random-token engine and a parity verifier.
+
+They implement the ``RolloutEngine`` / ``Verifier`` protocols (docs/ARCHITECTURE.md) with outputs that depend
+only on (prompt, answer index, seed), never on the rank or batch layout, so distributed and resumed runs can
+be compared exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from nft_lit.reward import VerifyResult
+
+
+@dataclass
+class FakeSampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 6
+    seed: int | None = None
+
+
+@dataclass
+class FakeRollout:
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    logprobs: list[list[float]]
+    truncated: list[bool]
+    num_samples: int
+
+
+@dataclass
+class FakeEngine:
+    """Answer j of a prompt: 1..max_new_tokens random digits then EOS, seeded by (prompt, j, iteration seed)."""
+
+    vocab: list[int]
+    eos: int
+    syncs: int = 0
+    seeds: list[int | None] = field(default_factory=list)
+
+    def sync_weights(self, model: object) -> dict[str, float]:
+        self.syncs += 1
+        return {"seconds": 0.0}
+
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, sampling: FakeSampling) -> FakeRollout:
+        self.seeds.append(sampling.seed)
+        responses, logprobs, truncated = [], [], []
+        for p in prompt_ids:
+            for j in range(num_samples):
+                key = hashlib.sha256(repr((p, j, sampling.seed is None)).encode()).digest()
+                g = torch.Generator().manual_seed(int.from_bytes(key[:6], "big"))
+                n = int(torch.randint(1, sampling.max_new_tokens + 1, (1,), generator=g))
+                toks = [self.vocab[int(i)] for i in torch.randint(len(self.vocab), (n,), generator=g)]
+                cut = n == sampling.max_new_tokens
+                if not cut:
+                    toks.append(self.eos)
+                responses.append(toks)
+                logprobs.append([-1.0] * len(toks))
+                truncated.append(cut)
+        return FakeRollout([list(p) for p in prompt_ids], responses, logprobs, truncated, num_samples)
+
+
+class ParityVerifier:
+    """Reward 1 when the response has an odd number of characters (a coin flip independent of the gold)."""
+
+    def score(self, responses: list[str], golds: list[str], truncated: list[bool]) -> VerifyResult:
+        rewards = [0.0 if cut else float(len(r) % 2 == 1) for r, cut in zip(responses, truncated, strict=True)]
+        return VerifyResult(rewards, {"seconds": 0.0})
+
+
+@dataclass(frozen=True)
+class FakeProblem:
+    id: str
+    question: str
+    answer: str
+    source: str = "test"
