@@ -11,8 +11,10 @@ Prints verifications/s and the accuracy on each half (correct forms should score
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
+import resource
 import time
 
 from nft_lit.data import load_problems
@@ -84,19 +86,27 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--no-fast-path", action="store_true", help="send every pair to math-verify")
     args = parser.parse_args()
     responses, golds, expected = build_pairs(args.pairs, args.data_dir)
-    with MathVerifier(num_workers=args.workers, timeout_s=args.timeout) as verifier:
+    with MathVerifier(args.workers, args.timeout, local_fast_path=not args.no_fast_path) as verifier:
         verifier.score(responses[:8], golds[:8], [False] * 8)  # workers started and warm
         start = time.perf_counter()
         result = verifier.score(responses, golds, [False] * len(responses))
         seconds = time.perf_counter() - start
-    hits = [r == e for r, e in zip(result.rewards, expected)]
-    correct_acc = sum(h for h, e in zip(hits, expected) if e) / max(1, sum(expected))
-    wrong_acc = sum(h for h, e in zip(hits, expected) if not e) / max(1, len(expected) - sum(expected))
+    # CPU seconds of the (now reaped) workers: a throughput figure that other load on the machine does not skew.
+    worker_cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    worker_cpu_s = worker_cpu.ru_utime + worker_cpu.ru_stime
+    hits = [r == e for r, e in zip(result.rewards, expected, strict=True)]
+    correct_acc = sum(h for h, e in zip(hits, expected, strict=True) if e) / max(1, sum(expected))
+    wrong_acc = sum(h for h, e in zip(hits, expected, strict=True) if not e) / max(1, len(expected) - sum(expected))
     print(f"pairs {len(responses)}  workers {args.workers}  seconds {seconds:.2f}")
     print(f"verifications/s {len(responses) / seconds:.1f}  (target >= 300)")
     print(f"other-form answers scored 1: {correct_acc:.3f}   wrong answers scored 0: {wrong_acc:.3f}")
+    sent = len(responses) - result.stats["fast_path"]
+    print(f"sent to math-verify {sent:g}; worker CPU {worker_cpu_s:.2f} s (incl. start-up and warm-up batch)")
+    per_cpu_s = len(responses) / worker_cpu_s
+    print(f"verifications per worker CPU-second {per_cpu_s:.1f}; load average {os.getloadavg()[0]:.2f}")
     print("stats " + ", ".join(f"{k} {v:g}" for k, v in result.stats.items()))
 
 

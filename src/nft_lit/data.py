@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +63,17 @@ class _FieldError(ValueError):
         super().__init__(f"field '{field}': expected {expected}, {got}")
 
 
+class _EmptyAnswer(ValueError):
+    """The record's gold answer is an empty string (two MATH train records have ``\\boxed{}``)."""
+
+
 def _str_field(record: dict[str, Any], field: str) -> str:
     value = record.get(field)
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
+        raise _FieldError(field, "a non-empty string", record)
+    if not value.strip():
+        if field == "answer":
+            raise _EmptyAnswer(field)
         raise _FieldError(field, "a non-empty string", record)
     return value.strip()
 
@@ -268,16 +277,27 @@ def load_problems(
         excluded_texts = {_normalize_text(p.question) for p in held_out}
 
     problems = []
+    unanswerable = []
     for line_no, record in records:
         try:
             question, answer, raw_id = spec.parse(record)
         except _FieldError as exc:
             raise ValueError(f"{origin}:{line_no}: {exc}") from None
+        except _EmptyAnswer:
+            # No answer means no reward signal; the source data has such defects, so skip and say so.
+            unanswerable.append(line_no)
+            continue
         if raw_id in excluded_ids or _normalize_text(question) in excluded_texts:
             continue
         problems.append(Problem(raw_id or f"{name}/{split}/{line_no}", question, answer, name))
         if limit is not None and len(problems) >= limit:
             break
+    if unanswerable:
+        warnings.warn(
+            f"load_problems: skipped {len(unanswerable)} record(s) of {origin} with an empty answer "
+            f"(lines {unanswerable[:10]})",
+            stacklevel=2,
+        )
     if not problems:
         raise ValueError(f"load_problems: {origin} holds no problems")
     return ProblemSet(f"{name}/{split}", tuple(problems))

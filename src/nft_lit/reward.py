@@ -217,7 +217,7 @@ class ExactMatchVerifier:
         _check_lengths(responses, golds, truncated)
         start = time.perf_counter()
         rewards = []
-        for response, gold, cut in zip(responses, golds, truncated):
+        for response, gold, cut in zip(responses, golds, truncated, strict=True):
             if cut:
                 rewards.append(0.0)
                 continue
@@ -347,7 +347,8 @@ class MathVerifier:
     worker is killed, replaced (in the background: the others keep scoring), and the pair scores 0
     (``stats['timeouts']``). A worker that dies scores 0 (``stats['errors']``) and is replaced too. Pairs
     whose extracted answer equals the gold up to spacing, or that are both plain numbers, are decided in the
-    parent without a round trip (``stats['fast_path']``, see ``_decide_locally``).
+    parent without a round trip (``stats['fast_path']``, see ``_decide_locally``; ``local_fast_path=False``
+    sends every pair to math-verify).
     Workers start on first use (or on ``__enter__``); use as a context manager or call ``close()``.
     """
 
@@ -358,6 +359,7 @@ class MathVerifier:
         strict_box: bool = False,
         strict_box_tail_chars: int = 300,
         start_timeout_s: float = 120.0,
+        local_fast_path: bool = True,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"MathVerifier: num_workers must be >= 1, got {num_workers}")
@@ -370,6 +372,7 @@ class MathVerifier:
         self.strict_box = strict_box
         self.strict_box_tail_chars = strict_box_tail_chars
         self.start_timeout_s = start_timeout_s
+        self.local_fast_path = local_fast_path
         # math-verify's own alarms (whole seconds) end most slow checks cheaply inside the worker, without
         # the cost of a restart; the hard deadline in the parent is the guarantee.
         self._soft_timeout_s = max(1, int(self.timeout_s))
@@ -411,14 +414,14 @@ class MathVerifier:
         rewards = [0.0] * len(responses)
         stats = {"timeouts": 0.0, "errors": 0.0, "truncated": 0.0, "no_answer": 0.0, "fast_path": 0.0}
         tasks: deque[tuple[int, tuple[str | None, str, str]]] = deque()
-        for i, (response, gold, cut) in enumerate(zip(responses, golds, truncated)):
+        for i, (response, gold, cut) in enumerate(zip(responses, golds, truncated, strict=True)):
             if cut:
                 stats["truncated"] += 1
                 continue
             pred = extract_answer(response, self.strict_box, self.strict_box_tail_chars)
             if pred is None and self.strict_box:
                 stats["no_answer"] += 1
-            elif pred is not None and (verdict := _decide_locally(pred, gold)) is not None:
+            elif self.local_fast_path and pred is not None and (verdict := _decide_locally(pred, gold)) is not None:
                 rewards[i] = float(verdict)
                 stats["fast_path"] += 1
             else:
@@ -567,7 +570,7 @@ def verify_command(argv: list[str]) -> int:
             [r.get("truncated", False) for r in records],
         )
     with open(args.output, "w", encoding="utf-8") as handle:
-        for record, reward in zip(records, result.rewards):
+        for record, reward in zip(records, result.rewards, strict=True):
             handle.write(json.dumps({**record, "reward": int(reward)}, ensure_ascii=False) + "\n")
     summary = ", ".join(f"{key} {value:g}" for key, value in result.stats.items())
     mean = sum(result.rewards) / len(result.rewards)

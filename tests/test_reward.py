@@ -1,0 +1,237 @@
+"""Verifier behaviour: extraction, equivalent forms, hang/crash recovery, the `nft-lit verify` command."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from nft_lit.data import DATASETS, load_problems, resolve_data_dir
+from nft_lit.reward import (
+    ExactMatchVerifier,
+    MathVerifier,
+    extract_answer,
+    extract_boxed,
+    overlong_penalty,
+    verify_command,
+)
+
+
+def _has_data() -> bool:
+    try:
+        resolve_data_dir(None)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+needs_data = pytest.mark.skipif(not _has_data(), reason="no data directory (set NFT_DATA_DIR)")
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    with MathVerifier(num_workers=2, timeout_s=3.0) as v:
+        yield v
+
+
+def test_extract_boxed_is_brace_matched_and_takes_the_last():
+    assert extract_boxed(r"first \boxed{1} then \boxed{\frac{a}{b^{2}}} end") == r"\frac{a}{b^{2}}"
+    assert extract_boxed(r"\fbox{7}") == "7"
+    assert extract_boxed(r"so \boxed 5$.") == "5"
+    # A last box that never closes (truncated) falls back to the previous complete one.
+    assert extract_boxed(r"\boxed{3} and \boxed{4") == "3"
+    assert extract_boxed("no box here") is None
+    assert extract_boxed(r"\boxedx{3}") is None
+
+
+def test_extract_answer_understands_both_templates():
+    assert extract_answer("work...\nAnswer: $12$.") == "12"
+    assert extract_answer("**Answer:** 7") == "7"
+    assert extract_answer(r"Answer: \boxed{x+1}") == "x+1"
+    # Whichever comes last wins.
+    assert extract_answer(r"Answer: 3 ... wait, actually \boxed{4}") == "4"
+    assert extract_answer(r"\boxed{4} ... Answer: 5") == "5"
+    assert extract_answer("The sum is 5") is None
+
+
+def test_strict_box_only_looks_at_the_tail():
+    text = r"\boxed{9}" + "x" * 400
+    assert extract_answer(text) == "9"
+    assert extract_answer(text, strict_box=True, strict_box_tail_chars=300) is None
+    assert extract_answer(text, strict_box=True, strict_box_tail_chars=500) == "9"
+    assert extract_answer("Answer: 9", strict_box=True) is None
+
+
+def test_exact_match_verifier():
+    result = ExactMatchVerifier().score(
+        ["579", " 579 ", "578", "579", r"\boxed{12}"], ["579"] * 4 + ["12"], [False, False, False, True, False]
+    )
+    assert result.rewards == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert result.stats["truncated"] == 1 and result.stats["timeouts"] == 0
+
+
+def test_overlong_penalty_matches_dapo_formula():
+    # L_max 100, buffer 20: free up to 80 tokens, then linear to -factor at 100.
+    assert overlong_penalty([10, 80, 90, 100], 100, 20, 1.0) == [0.0, 0.0, -0.5, -1.0]
+    assert overlong_penalty([90], 100, 20, 0.5) == [-0.25]
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty([1], 100, 0, 1.0)
+    with pytest.raises(ValueError, match="factor"):
+        overlong_penalty([1], 100, 10, -1.0)
+
+
+EQUIVALENT = [
+    (r"\boxed{0.5}", r"\frac{1}{2}"),
+    (r"\boxed{\dfrac{1}{2}}", r"\frac12"),
+    (r"\boxed{x=3}", "3"),
+    (r"\boxed{3}", "x = 3"),
+    (r"\boxed{1,000}", "1000"),
+    (r"\boxed{1{,}000}", "1000"),
+    (r"\boxed{5\text{ cm}}", "5"),
+    (r"\boxed{[1, 2)}", "[1,2)"),
+    (r"\boxed{\{2, 1\}}", r"\{1,2\}"),
+    (r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{1}{\sqrt{2}}"),
+    (r"\boxed{(3, \pi/2)}", r"\left( 3, \frac{\pi}{2} \right)"),
+    ("Answer: $27$", "27.0"),
+    (r"\boxed{\text{(C)}}", r"\text{(C)}"),
+]
+WRONG = [
+    (r"\boxed{4}", "5"),
+    (r"\boxed{0.51}", r"\frac{1}{2}"),
+    (r"\boxed{(1, 2]}", "[1,2)"),
+    (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{1}{\sqrt{2}}"),
+    (r"\boxed{(3, \pi)}", r"\left( 3, \frac{\pi}{2} \right)"),
+    ("I don't know", "7"),
+]
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_equivalent_forms_verify_and_wrong_answers_do_not(fast_path):
+    with MathVerifier(num_workers=2, timeout_s=5.0, local_fast_path=fast_path) as v:
+        pairs = EQUIVALENT + WRONG
+        result = v.score([p for p, _ in pairs], [g for _, g in pairs], [False] * len(pairs))
+    expected = [1.0] * len(EQUIVALENT) + [0.0] * len(WRONG)
+    assert result.rewards == expected, [p for p, r, e in zip(pairs, result.rewards, expected, strict=True) if r != e]
+    assert result.stats["timeouts"] == 0 and result.stats["errors"] == 0
+
+
+def test_truncated_scores_zero_even_when_right(verifier):
+    result = verifier.score([r"\boxed{2}", r"\boxed{2}"], ["2", "2"], [True, False])
+    assert result.rewards == [0.0, 1.0]
+    assert result.stats["truncated"] == 1
+
+
+def test_bomb_and_huge_response_time_out_and_the_pool_recovers(verifier):
+    bomb = r"\boxed{9^{9^{9^{9^{9^{9}}}}}}"
+    huge = r"\boxed{" + "+".join(["1"] * 70_000) + "}"  # ~200k characters
+    start = time.monotonic()
+    result = verifier.score([bomb, huge, "x" * 200_000], ["1", "5", "5"], [False] * 3)
+    elapsed = time.monotonic() - start
+    assert result.rewards == [0.0, 0.0, 0.0]
+    assert result.stats["timeouts"] >= 1
+    # Two workers, three pairs, 3 s each at most (plus a restart): bounded, not hung.
+    assert elapsed < 3 * verifier.timeout_s + 5
+    after = verifier.score([r"\boxed{\frac{2}{4}}", r"\boxed{7}"], ["0.5", "8"], [False, False])
+    assert after.rewards == [1.0, 0.0]
+
+
+def test_close_leaves_no_processes():
+    v = MathVerifier(num_workers=2, timeout_s=2.0)
+    assert v.score([r"\boxed{\sqrt{4}}"], ["2"], [False]).rewards == [1.0]
+    processes = [w.process for w in v._workers]
+    assert len(processes) == 2 and all(p.poll() is None for p in processes)
+    v.close()
+    assert all(p.poll() is not None for p in processes)
+    with pytest.raises(RuntimeError, match="after close"):
+        v.score([r"\boxed{\sqrt{4}}"], ["2"], [False])
+
+
+def test_score_rejects_bad_arguments(verifier):
+    with pytest.raises(ValueError, match="same length"):
+        verifier.score(["a"], ["a", "b"], [False])
+    with pytest.raises(TypeError, match=r"golds\[0\] must be str"):
+        verifier.score(["a"], [3], [False])
+    with pytest.raises(ValueError, match="timeout_s"):
+        MathVerifier(timeout_s=0)
+
+
+@needs_data
+def test_every_benchmark_gold_verifies_against_itself_through_math_verify():
+    names = ["math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench"]
+    golds = [p.answer for name in names for p in load_problems(name)]
+    with MathVerifier(num_workers=2, timeout_s=10.0, local_fast_path=False) as v:
+        result = v.score([f"The answer is $\\boxed{{{g}}}$." for g in golds], golds, [False] * len(golds))
+    failed = [g for g, r in zip(golds, result.rewards, strict=True) if r != 1.0]
+    assert not failed, failed[:10]
+
+
+@needs_data
+def test_every_training_gold_verifies_against_itself(verifier):
+    for name, split in [
+        ("gsm8k", "train"),
+        ("gsm8k", "test"),
+        ("math", "train"),
+        ("math", "test"),
+        ("dapo_math_17k", "train"),
+    ]:
+        golds = [p.answer for p in load_problems(name, split)]
+        result = verifier.score([f"Answer: {g}" for g in golds], golds, [False] * len(golds))
+        failed = [g for g, r in zip(golds, result.rewards, strict=True) if r != 1.0]
+        assert not failed, (name, split, failed[:10])
+    assert set(DATASETS) == {
+        "gsm8k",
+        "math",
+        "math500",
+        "aime24",
+        "aime25",
+        "amc23",
+        "minerva_math",
+        "olympiadbench",
+        "dapo_math_17k",
+    }
+
+
+# ---- nft-lit verify -----------------------------------------------------------------------------------
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_verify_command_writes_rewards_in_input_order(tmp_path, capsys):
+    rows = [
+        {"response": r"\boxed{\frac{1}{2}}", "gold": "0.5", "id": "a"},
+        {"response": "Answer: 4", "gold": "5", "id": "b"},
+        {"response": r"\boxed{5}", "gold": "5", "truncated": True, "id": "c"},
+        {"response": r"\boxed{x=2}", "gold": "2", "id": "d"},
+    ]
+    src = _write(tmp_path / "in.jsonl", [json.dumps(r) for r in rows])
+    out = tmp_path / "out.jsonl"
+    assert verify_command([src, str(out), "--workers", "1", "--timeout", "5"]) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [w["id"] for w in written] == ["a", "b", "c", "d"]
+    assert [w["reward"] for w in written] == [1, 0, 0, 1]
+    assert written[0]["response"] == rows[0]["response"] and written[0]["gold"] == "0.5"
+    assert "mean reward 0.5000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (['{"response": "a", "gold": "1"}', '{"response": "a", "gold": '], r"in\.jsonl:2: malformed JSON"),
+        (['{"response": "a"}'], r"in\.jsonl:1: missing field 'gold'"),
+        (['{"response": "a", "gold": 3}'], r"in\.jsonl:1: field 'gold' must be a string, got int"),
+        (['{"response": ["a"], "gold": "3"}'], r"in\.jsonl:1: field 'response' must be a string"),
+        (["[1, 2]"], r"in\.jsonl:1: expected a JSON object"),
+        ([], r"in\.jsonl: empty file"),
+    ],
+)
+def test_verify_command_bad_input_names_file_line_and_field(tmp_path, capsys, lines, message):
+    src = _write(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    assert verify_command([src, str(out)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
