@@ -78,3 +78,37 @@ class FakeProblem:
     question: str
     answer: str
     source: str = "test"
+
+
+def addition_problems(size: int = 60, seed: int = 0) -> list[FakeProblem]:
+    """1-digit additions as plain records (the synthetic module builds the real task)."""
+    import random
+
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    rng.shuffle(pairs)
+    return [FakeProblem(f"add/{i}", f"{a}+{b}=", str(a + b)) for i, (a, b) in enumerate(pairs[:size])]
+
+
+def make_datamodule(**overrides):
+    """A RolloutDataModule over 40 problems with the fake engine and parity verifier."""
+    from nft_lit.datamodule import RolloutDataModule
+    from nft_lit.models import build_char_tokenizer
+
+    tok = build_char_tokenizer("0123456789+=")
+    engine = FakeEngine([tok.convert_tokens_to_ids(c) for c in "0123456789"], tok.eos_token_id)
+    kwargs = dict(
+        problems=addition_problems(40),
+        engine=engine,
+        tokenizer=tok,
+        prompt_template=None,
+        verifier=ParityVerifier(),
+        sampling=FakeSampling(),
+        prompts_per_step=4,
+        num_answers=4,
+        num_mini_batches=2,
+        micro_batch_size=3,
+        seed=1,
+    )
+    kwargs.update(overrides)
+    return RolloutDataModule(**kwargs)
