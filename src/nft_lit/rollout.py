@@ -331,7 +331,7 @@ class VLLMEngine:
         sleep_level: int = 1,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if not Path(model_path, "config.json").is_file():
+        if not isinstance(model_path, str) or not Path(model_path, "config.json").is_file():
             raise FileNotFoundError(
                 f"VLLMEngine: model_path={model_path!r} is not an HF model folder (no config.json); "
                 "save the model first with nft_lit.models.save_hf_folder"
