@@ -27,7 +27,7 @@ def test_no_dynamic_sampling_keeps_every_group():
 def test_strict_raises_when_rounds_run_out():
     dm = make_datamodule(gen_prompts_per_round=4, max_gen_rounds=1, prompts_per_step=8, strict=True)
     dm.setup()
-    with pytest.raises(RuntimeError, match="data.strict=true"):
+    with pytest.raises(RuntimeError, match=r"data\.strict=true"):
         dm.collect()
 
 
@@ -108,7 +108,7 @@ def test_generation_seed_depends_on_iteration_round_and_rank():
 def test_bad_options_name_the_option():
     with pytest.raises(ValueError, match="num_answers"):
         make_datamodule(num_answers=1)
-    with pytest.raises(ValueError, match="data.num_mini_batches"):
+    with pytest.raises(ValueError, match=r"data\.num_mini_batches"):
         make_datamodule(num_mini_batches=0)
     with pytest.raises(ValueError, match="overlong_buffer"):
         make_datamodule(overlong_buffer=0)

@@ -69,7 +69,7 @@ def test_micro_batching_does_not_change_the_update(loss):
 
 
 def test_whole_group_loss_trains_and_logs_iteration_scalars():
-    module, trainer = _fit(InfoNCALoss(), iterations=2, whole_groups=True, micro_batch_size=4)
+    _, trainer = _fit(InfoNCALoss(), iterations=2, whole_groups=True, micro_batch_size=4)
     m = trainer.logged_metrics
     for key in (
         "train/loss",
@@ -104,7 +104,7 @@ def test_warmup_then_constant_lr():
 
 
 def test_bad_module_options_name_the_option():
-    with pytest.raises(ValueError, match="module.lr"):
+    with pytest.raises(ValueError, match=r"module\.lr"):
         PolicyModule(_model(), NFTLoss(), lr=0.0)
-    with pytest.raises(ValueError, match="module.temperature"):
+    with pytest.raises(ValueError, match=r"module\.temperature"):
         PolicyModule(_model(), NFTLoss(), temperature=0.0)

@@ -1,0 +1,112 @@
+"""Compose every config of every group; instantiate what can be built offline; bad values fail by name."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from nft_lit.cli import CONFIG_DIR, ConfigError, check_config
+
+ALGORITHMS = sorted(p.stem for p in (CONFIG_DIR / "algorithm").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+TRAINERS = sorted(p.stem for p in (CONFIG_DIR / "trainer").glob("*.yaml"))
+REWARDS = sorted(p.stem for p in (CONFIG_DIR / "reward").glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        # ${hydra:runtime.output_dir} needs a running Hydra job; tests give the run dir explicitly.
+        return compose("train", overrides=["run_dir=/tmp/nft-lit-test-configs", *overrides])
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_smoke_with_every_algorithm_instantiates_module_and_loss(algorithm):
+    cfg = _compose("experiment=smoke", f"algorithm={algorithm}")
+    if algorithm == "dapo":  # DAPO's overlong buffer must fit the smoke's 3-token answers
+        cfg.algorithm.overlong_buffer = 2
+    if algorithm == "infonca":
+        cfg.datamodule.whole_groups = True
+    check_config(cfg)
+    module = instantiate(cfg.module, _convert_="object")
+    assert type(module.loss_fn).__name__ == OmegaConf.select(cfg, "algorithm.loss._target_").rsplit(".", 1)[1]
+    module.configure_model()
+    assert module.model.config.vocab_size == 16
+    sampling = instantiate(cfg.sampling)
+    assert sampling.max_new_tokens == 3
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_passes_the_checks(experiment):
+    cfg = _compose(f"experiment={experiment}")
+    check_config(cfg)
+    assert cfg.datamodule.num_answers == cfg.algorithm.num_answers
+    instantiate(cfg.algorithm.loss)
+    instantiate(cfg.validate.sampling)
+
+
+def test_paper_7b_has_the_paper_hyperparameters():
+    cfg = _compose("experiment=paper_7b")
+    assert cfg.datamodule.prompts_per_step == 512 and cfg.algorithm.num_answers == 16
+    assert cfg.datamodule.num_mini_batches == 16 and cfg.module.lr == 1e-6 and cfg.module.warmup_steps == 10
+    assert cfg.sampling.max_new_tokens == 3584 and cfg.validate.sampling.top_p == 0.7
+    cfg32 = _compose("experiment=paper_32b")
+    assert cfg32.sampling.max_new_tokens == 14336 and cfg32.validate.sampling.temperature == 0.6
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_trainer_config_composes(trainer):
+    cfg = _compose("experiment=smoke", f"trainer={trainer}")
+    assert cfg.trainer.reload_dataloaders_every_n_epochs == 1
+    assert cfg.trainer.use_distributed_sampler is False
+    if trainer == "cpu":
+        t = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert t.max_epochs == cfg.iterations
+
+
+@pytest.mark.parametrize("reward", REWARDS)
+def test_every_reward_config_instantiates_a_verifier(reward):
+    cfg = _compose("experiment=smoke", f"reward={reward}")
+    verifier = instantiate(cfg.reward.verifier)
+    result = verifier.score(["12"], ["12"], [False])
+    assert result.rewards == [1.0]
+    getattr(verifier, "close", lambda: None)()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "option"),
+    [
+        (["algorithm.loss.epsilon=0"], "algorithm.loss.epsilon"),
+        (["algorithm.loss.epsilon=-1"], "algorithm.loss.epsilon"),
+        (["algorithm.num_answers=1"], "algorithm.num_answers"),
+        (["algorithm=grpo", "algorithm.num_answers=1"], "algorithm.num_answers"),
+        (["algorithm.overlong_buffer=2"], "algorithm.overlong_buffer"),
+        (["algorithm=rft", "algorithm.overlong_buffer=2"], "algorithm.overlong_buffer"),
+        (["algorithm.name=ppo"], "algorithm.name"),
+        (["+data.data_dir=/does/not/exist"], "data.data_dir"),
+        (["algorithm=infonca"], "datamodule.whole_groups"),
+    ],
+)
+def test_bad_configuration_names_the_option(overrides, option):
+    cfg = _compose("experiment=smoke", *overrides)
+    if option == "datamodule.whole_groups":
+        cfg.datamodule.whole_groups = False
+    with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
+        check_config(cfg)
+
+
+def test_dynamic_sampling_with_one_answer_is_named():
+    cfg = _compose("experiment=smoke", "algorithm.num_answers=1")
+    with pytest.raises(ConfigError, match=r"algorithm\.dynamic_sampling"):
+        check_config(cfg)
+
+
+def test_unknown_algorithm_group_fails_at_composition():
+    with pytest.raises(ConfigCompositionException, match="algorithm"):
+        _compose("experiment=smoke", "algorithm=ppo")
+
+
+def test_missing_data_file_fails_naming_the_data_dir(tmp_path):
+    cfg = _compose("data=math500", f"data.data_dir={tmp_path}")
+    with pytest.raises(InstantiationException, match=r"data\.data_dir"):
+        instantiate(cfg.data.problems)
