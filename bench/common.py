@@ -1,0 +1,103 @@
+"""Shared helpers of the bench scripts: run metadata, JSON output, peak RSS, one-variant-per-subprocess runs.
+
+Each variant whose memory is compared runs in a fresh interpreter (``run_worker``) so its peak RSS is its
+own: the parent process never imports the model, and ``ru_maxrss`` of a child covers only that child.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+# Every bench runs offline: nothing may reach the HF hub (models are random-init, built from a config).
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": "disabled",
+}
+
+
+def meta(**extra: Any) -> dict[str, Any]:
+    """Date, machine and library versions recorded with every result (docs/PERFORMANCE.md quotes them)."""
+    import torch
+
+    info: dict[str, Any] = {
+        "date": str(date.today()),
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    info.update(extra)
+    return info
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mib() -> float:
+    """Current resident set size of this process, MiB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def median(values: list[float]) -> float:
+    if not values:
+        raise ValueError("median of an empty list: the benchmark recorded no measurement")
+    return statistics.median(values)
+
+
+def run_worker(script: Path, args: list[str], timeout_s: float) -> dict[str, Any]:
+    """Run ``script --worker-out FILE *args`` in a fresh interpreter and return the JSON it wrote to FILE.
+
+    A failing worker raises with its stderr tail, so a broken variant is reported rather than skipped.
+    """
+    with tempfile.TemporaryDirectory(prefix="nft-lit-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        env = {**os.environ, **OFFLINE_ENV}
+        proc = subprocess.run(
+            [sys.executable, str(script), "--worker-out", str(out), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        if proc.returncode != 0 or not out.is_file():
+            tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-40:])
+            raise RuntimeError(f"{script.name} worker {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(out.read_text())
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    """Print ``rows`` as a fixed-width table; ``columns`` = (key, header, format spec)."""
+    widths = [max(len(header), 10) for _, header, _ in columns]
+    print("  ".join(f"{header:>{w}}" for (_, header, _), w in zip(columns, widths, strict=True)))
+    for row in rows:
+        cells = []
+        for (key, _, spec), w in zip(columns, widths, strict=True):
+            value = row.get(key)
+            cells.append(f"{'-' if value is None else format(value, spec):>{w}}")
+        print("  ".join(cells))
