@@ -20,6 +20,7 @@ iteration ends. Goal from the issue: nft-lit <= 0.8x TRL's time per iteration.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -175,7 +176,7 @@ def run_trl(setup: Setup) -> dict[str, Any]:
     trainer.train()
     fit_seconds = time.perf_counter() - start
     ends = marks[0:1] + marks[setup.updates :: setup.updates]
-    iteration_seconds = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    iteration_seconds = [b - a for a, b in itertools.pairwise(ends)]
     return {
         "iteration_seconds": iteration_seconds,
         "fit_seconds": fit_seconds,
@@ -257,7 +258,7 @@ def run_nft_lit(setup: Setup, algorithm: str) -> dict[str, Any]:
     fit_seconds = time.perf_counter() - start
     # marks[0] is taken after the first iteration's rollout (Lightning loads data before on_train_start),
     # so only intervals between consecutive iteration ends are full iterations.
-    iteration_seconds = [b - a for a, b in zip(marks[1:], marks[2:], strict=False)]
+    iteration_seconds = [b - a for a, b in itertools.pairwise(marks[1:])]
     return {
         "iteration_seconds": iteration_seconds,
         "fit_seconds": fit_seconds,
