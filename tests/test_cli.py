@@ -1,0 +1,129 @@
+"""The `nft-lit` commands end to end on the smoke experiment (subprocesses, like a user runs them)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nft_lit.cli import main
+
+TESTS = Path(__file__).parent
+# Problems and a parity verifier from the test fakes: mixed groups from a random-init model.
+DATA = [
+    "~data.problems",
+    "+data.problems={_target_: _rollout_fakes.addition_problems, size: 60}",
+    "~eval.heldout",
+    "+eval.heldout={_target_: _rollout_fakes.addition_problems, size: 4, seed: 1}",
+    "reward.verifier._target_=_rollout_fakes.ParityVerifier",
+]
+
+
+def _nft_lit(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nft_lit.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _scalars(tb_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_usage_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fit", "validate", "export", "cli", "verify", "convert-smollm2"):
+        assert name in out
+    assert main(["nope"]) == 2
+
+
+@pytest.mark.slow
+def test_fit_export_validate_on_smoke(tmp_path):
+    run = tmp_path / "run"
+    _nft_lit("fit", "experiment=smoke", "iterations=2", f"hydra.run.dir={run}", *DATA)
+    tags = _scalars(run / "tb")
+    for tag in (
+        "train/loss",
+        "train/entropy",
+        "train/grad_norm",
+        "train/lr",
+        "rollout/reward_mean",
+        "rollout/pass_rate",
+        "rollout/kept_group_fraction",
+        "rollout/gen_rounds",
+        "rollout/response_length_mean",
+        "rollout/response_length_max",
+        "rollout/truncation_rate",
+        "rollout/logprob_gap",
+        "rollout/gen_seconds",
+        "rollout/gen_tokens_per_second",
+        "rollout/verify_seconds",
+        "train/seconds",
+        "train/tokens_per_second",
+        "val/heldout/avg@1",
+    ):
+        assert tag in tags, tag
+    assert "train/loss" in (run / "csv" / "metrics.csv").read_text().splitlines()[0]
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+
+    out = tmp_path / "hf"
+    _nft_lit("export", f"ckpt_path={ckpt}", f"out={out}", f"hydra.run.dir={tmp_path / 'export'}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(model.model.embed_tokens.weight, state["model.model.embed_tokens.weight"])
+    assert tok.decode(tok.encode("1+2=", add_special_tokens=False)) == "1+2="
+
+    vdir = tmp_path / "val"
+    _nft_lit(
+        "validate",
+        "experiment=smoke",
+        f"ckpt_path={ckpt}",
+        f"hydra.run.dir={vdir}",
+        *DATA,
+        "validate.num_samples=2",
+        "validate.pass_k=[1,2]",
+        "validate.sampling.temperature=1.0",
+        "validate.sampling.top_p=1.0",
+        "+data.eval_samples=2",
+    )
+    res = json.loads((vdir / "validate.json").read_text())["results"]
+    assert set(res) >= {"synthetic_add1/avg@2", "synthetic_add1/pass@2", "average/avg"}
+    assert 0.0 <= res["synthetic_add1/avg@2"] <= res["synthetic_add1/pass@2"] <= 1.0
+
+
+@pytest.mark.slow
+def test_multirun_sweep_gives_one_folder_per_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    _nft_lit(
+        "fit",
+        "-m",
+        "experiment=smoke",
+        "iterations=1",
+        "algorithm=nft,grpo",
+        "seed=0,1",
+        "eval.at_start=false",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        *DATA,
+        timeout=500,
+    )
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(runs) == 4
+    for r in runs:
+        assert (r / "csv" / "metrics.csv").is_file() and (r / "checkpoints" / "last.ckpt").is_file()
+        assert any((r / "tb").iterdir())
