@@ -52,6 +52,7 @@ def test_paper_7b_has_the_paper_hyperparameters():
     assert cfg.sampling.max_new_tokens == 3584 and cfg.validate.sampling.top_p == 0.7
     cfg32 = _compose("experiment=paper_32b")
     assert cfg32.sampling.max_new_tokens == 14336 and cfg32.validate.sampling.temperature == 0.6
+    assert cfg32.model.pretrained == "Qwen/Qwen2.5-32B" and cfg.model.pretrained == "Qwen/Qwen2.5-Math-7B"
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)

@@ -1,0 +1,82 @@
+"""2-process CPU FSDP2 (ModelParallelStrategy + fully_shard) gives the 1-process loss curve at equal global batch.
+
+The rollouts come from the rank-independent fake engine, so both runs train on identical data; any
+difference would come from sharding, gradient reduction or the loss normalisation over ranks.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = r'''
+import json, sys
+import lightning.pytorch as pl
+import torch
+sys.path.insert(0, sys.argv[3])
+from _rollout_fakes import make_datamodule
+from nft_lit.losses import NFTLoss
+from nft_lit.models import ModelSpec
+from nft_lit.module import PolicyModule
+
+world, out = int(sys.argv[1]), sys.argv[2]
+
+
+class Recorder(pl.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if outputs is not None:
+            self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
+
+spec = ModelSpec(tokenizer="char:0123456789+=", config=dict(hidden_size=64, num_layers=2, num_heads=2,
+                 intermediate_size=64, seed=5))
+module = PolicyModule(spec, NFTLoss(), lr=1e-2, warmup_steps=0, grad_clip=1.0)
+dm = make_datamodule(prompts_per_step=4, gen_prompts_per_round=8, num_mini_batches=2, micro_batch_size=3)
+strategy = "auto"
+if world > 1:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False, process_group_backend="gloo")
+rec = Recorder()
+trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_epochs=3,
+                     reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False, num_sanity_val_steps=0,
+                     limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, callbacks=[rec])
+trainer.fit(module, dm)
+if trainer.global_rank == 0:
+    sharded = any(type(p).__name__ == "DTensor" for p in module.model.parameters())
+    json.dump({"losses": rec.losses, "steps": trainer.global_step, "sharded": sharded}, open(out, "w"))
+'''
+
+
+def _run(tmp_path: Path, world: int) -> dict:
+    script = tmp_path / "dist_fit.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / f"world{world}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(world), str(out), str(Path(__file__).parent)],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one_process(tmp_path):
+    one = _run(tmp_path, 1)
+    two = _run(tmp_path, 2)
+    assert two["sharded"] and not one["sharded"]
+    assert one["steps"] == two["steps"] == 6
+    assert len(one["losses"]) == len(two["losses"]) == 6
+    assert any(abs(x) > 1e-6 for x in one["losses"][1:])
+    print("1 process:", one["losses"], "\n2 processes:", two["losses"])
+    for a, b in zip(one["losses"], two["losses"], strict=True):
+        assert b == pytest.approx(a, abs=1e-4, rel=1e-3)
