@@ -101,3 +101,70 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]])
             value = row.get(key)
             cells.append(f"{'-' if value is None else format(value, spec):>{w}}")
         print("  ".join(cells))
+
+
+def synthetic_steps(
+    *,
+    prompts: int,
+    answers: int,
+    prompt_tokens: int,
+    response_tokens: int,
+    vocab: int,
+    micro_batch: int,
+    mini_batches: int = 1,
+    seed: int = 0,
+    logprob_fn: Any = None,
+    device: str = "cpu",
+) -> list[Any]:
+    """Optimizer steps (``StepBatch``) of random-token mixed groups, batched by the real datamodule code.
+
+    Response lengths are uniform in [response_tokens/2, response_tokens]; answer j of every group is correct
+    when j is odd, so every group is mixed (as after dynamic sampling). With ``logprob_fn`` (``(input_ids,
+    attention_mask, prompt_len) -> log-probs``, the caller sets eval mode) the old log-probs are recomputed by
+    ``RolloutDataModule.fill_old_logprobs`` on ``device`` as in an iteration; otherwise they stay zero.
+    """
+    import random
+
+    from nft_lit.data import Problem
+    from nft_lit.datamodule import Group, RolloutDataModule
+    from nft_lit.reward import ExactMatchVerifier
+    from nft_lit.rollout import HFGenerateEngine, SamplingParams
+
+    class Tokenizer:
+        # batching already-tokenized groups only needs the special ids (those of nft_lit.models' char tokenizer)
+        pad_token_id = 0
+        eos_token_id = 1
+
+    rng = random.Random(seed)
+    groups = []
+    for p in range(prompts):
+        lengths = [rng.randint(response_tokens // 2, response_tokens) for _ in range(answers)]
+        responses = [[rng.randrange(2, vocab) for _ in range(n)] for n in lengths]
+        correct = [float(j % 2) for j in range(answers)]
+        groups.append(
+            Group(
+                prompt_index=p,
+                prompt_ids=[rng.randrange(2, vocab) for _ in range(prompt_tokens)],
+                response_ids=responses,
+                engine_logprobs=[[0.0] * n for n in lengths],
+                correct=correct,
+                rewards=list(correct),
+                truncated=[False] * answers,
+            )
+        )
+    datamodule = RolloutDataModule(
+        problems=[Problem(id="bench", question="q", answer="a", source="bench")],
+        engine=HFGenerateEngine(),
+        tokenizer=Tokenizer(),
+        prompt_template=None,
+        verifier=ExactMatchVerifier(),
+        sampling=SamplingParams(max_new_tokens=response_tokens),
+        prompts_per_step=prompts,
+        num_answers=answers,
+        num_mini_batches=mini_batches,
+        micro_batch_size=micro_batch,
+    )
+    steps = datamodule.build_steps(groups)
+    if logprob_fn is not None:
+        datamodule.fill_old_logprobs(steps, logprob_fn, device)
+    return steps

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,19 +27,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from common import median, meta, print_table, write_json
+from common import median, meta, print_table, synthetic_steps, write_json
 from torch.utils.data import DataLoader, Dataset
 
-from nft_lit.data import Problem
-from nft_lit.datamodule import Group, RolloutDataModule, StepBatch
+from nft_lit.datamodule import StepBatch
 from nft_lit.losses import NFTLoss
 from nft_lit.models import tiny_causal_lm
 from nft_lit.module import PolicyModule, response_logprobs_and_entropy
-from nft_lit.reward import ExactMatchVerifier
-from nft_lit.rollout import HFGenerateEngine, SamplingParams
 
 GOAL_RATIO = 1.05
-PAD, EOS = 0, 1
 
 
 @dataclass
@@ -62,13 +57,6 @@ QUICK = Shape(hidden=64, layers=2, heads=2, vocab=64, prompts=2, answers=4, prom
               micro_batch=4, steps=3, rounds=2)  # fmt: skip
 
 
-class _Tokenizer:
-    """The datamodule only needs the special ids when batching already-tokenized groups."""
-
-    pad_token_id = PAD
-    eos_token_id = EOS
-
-
 class _Steps(Dataset):
     def __init__(self, steps: list[StepBatch], repeat: int) -> None:
         self.steps, self.repeat = steps, repeat
@@ -81,45 +69,16 @@ class _Steps(Dataset):
 
 
 def make_steps(shape: Shape, model: torch.nn.Module) -> list[StepBatch]:
-    """One optimizer step of synthetic mixed groups, batched by the real datamodule code."""
-    rng = random.Random(0)
-    groups = []
-    for p in range(shape.prompts):
-        responses = [
-            [
-                rng.randrange(2, shape.vocab)
-                for _ in range(rng.randint(shape.response_tokens // 2, shape.response_tokens))
-            ]
-            for _ in range(shape.answers)
-        ]
-        correct = [float(j % 2) for j in range(shape.answers)]
-        groups.append(
-            Group(
-                prompt_index=p,
-                prompt_ids=[rng.randrange(2, shape.vocab) for _ in range(shape.prompt_tokens)],
-                response_ids=responses,
-                engine_logprobs=[[0.0] * len(r) for r in responses],
-                correct=correct,
-                rewards=list(correct),
-                truncated=[False] * shape.answers,
-            )
-        )
-    datamodule = RolloutDataModule(
-        problems=[Problem(id="p", question="q", answer="a", source="bench")],
-        engine=HFGenerateEngine(),
-        tokenizer=_Tokenizer(),
-        prompt_template=None,
-        verifier=ExactMatchVerifier(),
-        sampling=SamplingParams(max_new_tokens=shape.response_tokens),
-        prompts_per_step=shape.prompts,
-        num_answers=shape.answers,
-        num_mini_batches=1,
-        micro_batch_size=shape.micro_batch,
-    )
-    steps = datamodule.build_steps(groups)
+    """One optimizer step of synthetic mixed groups, old log-probs recomputed by the datamodule's own code."""
     model.eval()
-    datamodule.fill_old_logprobs(
-        steps, lambda ids, mask, n: response_logprobs_and_entropy(model, ids, mask, n, 1.0)[0], "cpu"
+    steps = synthetic_steps(
+        prompts=shape.prompts,
+        answers=shape.answers,
+        prompt_tokens=shape.prompt_tokens,
+        response_tokens=shape.response_tokens,
+        vocab=shape.vocab,
+        micro_batch=shape.micro_batch,
+        logprob_fn=lambda ids, mask, n: response_logprobs_and_entropy(model, ids, mask, n, 1.0)[0],
     )
     model.train()
     return steps
