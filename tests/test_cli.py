@@ -127,3 +127,42 @@ def test_multirun_sweep_gives_one_folder_per_run(tmp_path):
     for r in runs:
         assert (r / "csv" / "metrics.csv").is_file() and (r / "checkpoints" / "last.ckpt").is_file()
         assert any((r / "tb").iterdir())
+
+
+LIGHTNING_CLI_DATA = """
+data:
+  problems:
+    class_path: nft_lit.data.ProblemSet
+    init_args:
+      name: inline
+      problems:
+        - {id: a, question: "1+2=", answer: "3", source: t}
+        - {id: b, question: "2+2=", answer: "4", source: t}
+        - {id: c, question: "3+4=", answer: "7", source: t}
+        - {id: d, question: "5+1=", answer: "6", source: t}
+  val_problems:
+    class_path: nft_lit.data.ProblemSet
+    init_args:
+      name: inline
+      problems:
+        - {id: e, question: "2+5=", answer: "7", source: t}
+  val_name: tiny
+  verifier: _rollout_fakes.ParityVerifier
+  gen_prompts_per_round: 4
+  prompts_per_step: 2
+trainer:
+  max_epochs: 2
+  default_root_dir: ROOT
+"""
+
+
+@pytest.mark.slow
+def test_lightning_cli_fit_then_validate(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(LIGHTNING_CLI_DATA.replace("ROOT", str(tmp_path / "logs")))
+    smoke = Path(__file__).parents[1] / "configs" / "lightning_cli" / "smoke.yaml"
+    _nft_lit("cli", "fit", "--config", str(smoke), "--config", str(extra))
+    ckpts = sorted((tmp_path / "logs").rglob("*.ckpt"))
+    assert ckpts, "LightningCLI fit wrote no checkpoint"
+    proc = _nft_lit("cli", "validate", "--config", str(smoke), "--config", str(extra), "--ckpt_path", str(ckpts[-1]))
+    assert "val/tiny/avg@1" in proc.stdout

@@ -320,7 +320,6 @@ def lightning_cli_command(argv: list[str]) -> int:
             "reload_dataloaders_every_n_epochs": 1,
             "use_distributed_sampler": False,
             "num_sanity_val_steps": 0,
-            "limit_val_batches": 0,
             "log_every_n_steps": 1,
         },
     )

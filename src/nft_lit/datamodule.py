@@ -15,24 +15,22 @@ derived from (seed, i, r, k). A resumed run therefore re-uses and skips no promp
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+# Runtime imports (not TYPE_CHECKING): LightningCLI/jsonargparse read the constructor's type hints.
+from nft_lit.data import Problem, ProblemSet
 from nft_lit.losses import LossBatch, group_stats
-from nft_lit.reward import overlong_penalty
-from nft_lit.rollout import check_logprob_gap, logprob_gap
-
-if TYPE_CHECKING:
-    from nft_lit.data import Problem
-    from nft_lit.prompts import PromptTemplate
-    from nft_lit.reward import Verifier
-    from nft_lit.rollout import RolloutBatch, RolloutEngine, SamplingParams
+from nft_lit.prompts import PromptTemplate
+from nft_lit.reward import Verifier, overlong_penalty
+from nft_lit.rollout import RolloutBatch, RolloutEngine, SamplingParams, check_logprob_gap, logprob_gap
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +110,23 @@ def encode_prompt(question: str, template: PromptTemplate | None, tokenizer: Any
     return list(template.encode(question, tokenizer))
 
 
+def shard_batches(problems: Sequence[Problem], batch_prompts: int) -> list[tuple[list[Problem], bool]]:
+    """This rank's share of ``problems`` in chunks, as (chunk, is_padding).
+
+    Every rank gets the same number of chunks (engines generating with a sharded model need the same
+    number of ``generate`` calls everywhere); a rank with fewer problems repeats the first problem in
+    chunks flagged as padding, which callers generate for but do not score.
+    """
+    rank, world = _world()
+    shard = list(problems)[rank::world]
+    per_rank = math.ceil(len(problems) / world)
+    out = []
+    for start in range(0, per_rank, batch_prompts):
+        chunk = shard[start : start + batch_prompts]
+        out.append((chunk, False) if chunk else ([problems[0]], True))
+    return out
+
+
 def _world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -172,12 +187,15 @@ class RolloutDataModule(pl.LightningDataModule):
         whole_groups: keep each group in one micro-batch (required by group-level losses like InfoNCA).
         max_logprob_gap: fail when the mean |engine - trainer| log-prob gap exceeds this (a broken weight
             sync); None only logs it.
+        val_problems / val_name / val_num_samples / val_sampling / val_batch_prompts: the set scored by
+            Lightning's validation loop (``trainer.validate``, ``nft-lit cli validate``) as ``val/<name>/avg@k``;
+            ``val_sampling`` None is greedy decoding at the training ``max_new_tokens``.
         seed: root of every random choice of the data pipeline.
     """
 
     def __init__(
         self,
-        problems: Sequence[Problem],
+        problems: ProblemSet | Sequence[Problem],
         engine: RolloutEngine | Callable[[], RolloutEngine],
         tokenizer: Any,
         prompt_template: PromptTemplate | None,
@@ -197,6 +215,11 @@ class RolloutDataModule(pl.LightningDataModule):
         whole_groups: bool = False,
         max_logprob_gap: float | None = None,
         seed: int = 0,
+        val_problems: ProblemSet | Sequence[Problem] | None = None,
+        val_name: str = "heldout",
+        val_num_samples: int = 1,
+        val_sampling: SamplingParams | None = None,
+        val_batch_prompts: int = 64,
     ) -> None:
         super().__init__()
         if len(problems) == 0:
@@ -242,6 +265,13 @@ class RolloutDataModule(pl.LightningDataModule):
         self.whole_groups = whole_groups
         self.max_logprob_gap = max_logprob_gap
         self.seed = seed
+        if val_num_samples < 1:
+            raise ValueError(f"data.val_num_samples must be >= 1, got {val_num_samples}")
+        self.val_problems = list(val_problems) if val_problems is not None else None
+        self.val_name = val_name
+        self.val_num_samples = val_num_samples
+        self.val_sampling = val_sampling or replace(sampling, temperature=0.0, top_p=1.0, top_k=0)
+        self.val_batch_prompts = val_batch_prompts
         # Resume state: prompts consumed so far (index into the concatenated per-pass permutations).
         self.cursor = 0
         self.iteration = 0
@@ -546,15 +576,22 @@ class RolloutDataModule(pl.LightningDataModule):
         self._phase("train")
         return DataLoader(_ListDataset(steps), batch_size=None, shuffle=False, collate_fn=_identity)
 
+    def val_dataloader(self) -> DataLoader | list:
+        """Chunks of this rank's share of ``val_problems`` as (problems, is_padding); [] when unset."""
+        if not self.val_problems:
+            return []
+        chunks = shard_batches(self.val_problems, self.val_batch_prompts)
+        return DataLoader(_ListDataset(chunks), batch_size=None, shuffle=False, collate_fn=_identity)
+
 
 class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, items: list[StepBatch]) -> None:
+    def __init__(self, items: list[Any]) -> None:
         self.items = items
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> StepBatch:
+    def __getitem__(self, i: int) -> Any:
         return self.items[i]
 
 

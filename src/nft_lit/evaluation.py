@@ -22,7 +22,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from nft_lit.data import Problem
-from nft_lit.datamodule import encode_prompt
+from nft_lit.datamodule import encode_prompt, shard_batches
 from nft_lit.prompts import PromptTemplate
 from nft_lit.reward import Verifier
 from nft_lit.rollout import RolloutEngine, SamplingParams
@@ -113,6 +113,25 @@ class Benchmark:
             raise ValueError(f"benchmark {self.name}: the problem set is empty")
 
 
+def sample_correctness(
+    problems: Sequence[Problem],
+    engine: RolloutEngine,
+    tokenizer: Any,
+    prompt_template: PromptTemplate | None,
+    verifier: Verifier,
+    num_samples: int,
+    sampling: SamplingParams,
+) -> tuple[Tensor, int]:
+    """Generate ``num_samples`` answers per problem and verify them: (correct [P, k] in {0, 1}, answer tokens)."""
+    prompts = [encode_prompt(p.question, prompt_template, tokenizer) for p in problems]
+    out = engine.generate(prompts, num_samples, sampling)
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in out.response_ids]
+    golds = [p.answer for p in problems for _ in range(num_samples)]
+    result = verifier.score(texts, golds, list(out.truncated))
+    correct = torch.tensor(result.rewards, dtype=torch.float32).view(len(problems), num_samples)
+    return correct, sum(len(r) for r in out.response_ids)
+
+
 def evaluate_benchmark(
     benchmark: Benchmark,
     engine: RolloutEngine,
@@ -127,33 +146,20 @@ def evaluate_benchmark(
     The engine must already hold the weights to evaluate (``engine.sync_weights``). Every rank must call
     this (collectives); each generates its own shard of the problems.
     """
-    rank, world = 0, 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     sampling = benchmark.sampling or default_sampling
     k = benchmark.num_samples
     avg = AvgAtK()
     passes = {j: PassAtK(j) for j in benchmark.pass_k}
-    shard = list(benchmark.problems)[rank::world]
-    # Sharded engines need the same number of generate calls everywhere: pad shards to equal batch counts.
-    per_rank = math.ceil(len(benchmark.problems) / world)
     t0 = time.perf_counter()
     tokens = 0
-    for start in range(0, per_rank, batch_prompts):
-        chunk = shard[start : start + batch_prompts]
-        padded = chunk or list(benchmark.problems[:1])
-        prompts = [encode_prompt(p.question, prompt_template, tokenizer) for p in padded]
-        out = engine.generate(prompts, k, sampling)
-        if not chunk:
+    for chunk, is_padding in shard_batches(benchmark.problems, batch_prompts):
+        correct, n = sample_correctness(chunk, engine, tokenizer, prompt_template, verifier, k, sampling)
+        if is_padding:
             continue
-        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in out.response_ids]
-        golds = [p.answer for p in chunk for _ in range(k)]
-        result = verifier.score(texts, golds, list(out.truncated))
-        correct = torch.tensor(result.rewards, dtype=torch.float32).view(len(chunk), k)
         avg.update(correct)
         for m in passes.values():
             m.update(correct)
-        tokens += sum(len(r) for r in out.response_ids)
+        tokens += n
     # Metric.compute() sums the states over ranks when torch.distributed is initialised.
     results = {f"avg@{k}": float(avg.compute())}
     results.update({f"pass@{j}": float(m.compute()) for j, m in passes.items()})

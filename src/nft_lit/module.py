@@ -292,6 +292,35 @@ class PolicyModule(pl.LightningModule):
         self.log("loss", totals[0], prog_bar=True, on_step=True, on_epoch=False)
         return totals[0]
 
+    # ------------------------------------------------------------------ validation (trainer.validate)
+    def on_validation_epoch_start(self) -> None:
+        from nft_lit.evaluation import AvgAtK, PassAtK
+
+        dm = self.trainer.datamodule
+        dm.setup("validate")
+        dm.engine.sync_weights(self.model)
+        k = dm.val_num_samples
+        # A plain dict: metrics stay out of the module's state_dict and checkpoints.
+        self._val_metrics = {f"avg@{k}": AvgAtK(), **({f"pass@{k}": PassAtK(k)} if k > 1 else {})}
+
+    def validation_step(self, batch: tuple[list[Any], bool], batch_idx: int) -> None:
+        from nft_lit.evaluation import sample_correctness
+
+        dm = self.trainer.datamodule
+        problems, is_padding = batch
+        correct, _ = sample_correctness(
+            problems, dm.engine, dm.tokenizer, dm.prompt_template, dm.verifier, dm.val_num_samples, dm.val_sampling
+        )
+        if not is_padding:
+            for metric in self._val_metrics.values():
+                metric.update(correct)
+
+    def on_validation_epoch_end(self) -> None:
+        name = self.trainer.datamodule.val_name
+        # compute() sums the metric states over ranks itself.
+        values = {f"val/{name}/{key}": m.compute() for key, m in self._val_metrics.items()}
+        self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+
     def on_train_epoch_end(self) -> None:
         seconds = time.perf_counter() - self._epoch_start
         logs = {"train/seconds": seconds, "train/tokens_per_second": self._train_tokens / max(seconds, 1e-9)}
