@@ -1,6 +1,6 @@
 """Framework overhead of the Lightning training step: PolicyModule.training_step under a Trainer vs a bare loop.
 
-    .venv/bin/python bench/train_step.py            # Llama d=384 L=6, vocab 4096, 32 answers x <=128 tokens
+    .venv/bin/python bench/train_step.py            # Llama d=256 L=4, vocab 4096, 32 answers x <=128 tokens
     .venv/bin/python bench/train_step.py --quick    # tiny shape, for the harness test
 
 Both sides train on the same optimizer steps (``StepBatch``es built by ``RolloutDataModule.build_steps`` from
@@ -40,17 +40,17 @@ GOAL_RATIO = 1.05
 
 @dataclass
 class Shape:
-    hidden: int = 384
-    layers: int = 6
-    heads: int = 6
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
     vocab: int = 4096
     prompts: int = 4
     answers: int = 8
     prompt_tokens: int = 32
     response_tokens: int = 128
     micro_batch: int = 8
-    steps: int = 4
-    rounds: int = 3
+    steps: int = 3
+    rounds: int = 2
 
 
 QUICK = Shape(hidden=64, layers=2, heads=2, vocab=64, prompts=2, answers=4, prompt_tokens=8, response_tokens=16,
