@@ -111,3 +111,11 @@ def test_missing_data_file_fails_naming_the_data_dir(tmp_path):
     cfg = _compose("data=math500", f"data.data_dir={tmp_path}")
     with pytest.raises(InstantiationException, match=r"data\.data_dir"):
         instantiate(cfg.data.problems)
+
+
+def test_overlong_buffer_longer_than_the_response_budget_is_named():
+    cfg = _compose("experiment=smoke", "algorithm=dapo")
+    with pytest.raises(
+        ConfigError, match=r"algorithm\.overlong_buffer=512 must be in \(0, sampling\.max_new_tokens=3\]"
+    ):
+        check_config(cfg)

