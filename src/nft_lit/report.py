@@ -1,0 +1,198 @@
+"""Tables and PNG curves from `nft-lit fit` run folders (one run, or a Hydra multirun sweep).
+
+A run folder is what `nft-lit fit` writes: ``.hydra/{config,overrides}.yaml`` and ``csv/metrics.csv``.
+Runs that differ only by ``seed`` form one group; the table gives mean ± std over seeds of the held-out
+accuracy before RL (the base policy) and after the last iteration, like the paper's Table 1, and the
+curves show held-out accuracy and entropy per iteration like its Figures 6 and 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METRICS_CSV = Path("csv") / "metrics.csv"
+HELDOUT = "val/heldout/avg@1"
+CURVES = {
+    "heldout_accuracy": (HELDOUT, "held-out accuracy"),
+    "train_reward": ("rollout/reward_mean", "train reward (mean over sampled answers)"),
+    "entropy": ("train/entropy", "entropy of sampled tokens (nats)"),
+    "response_length": ("rollout/response_length_mean", "response length (tokens)"),
+}
+_IGNORED_OVERRIDES = ("seed", "hydra.", "experiment", "iterations")
+
+
+@dataclass
+class Run:
+    """One run's curves: ``{metric: [(iteration, value), ...]}``; iteration 0 = before any update."""
+
+    path: Path
+    label: str
+    seed: int
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+    def first(self, metric: str) -> float:
+        return self.curves[metric][0][1]
+
+    def last(self, metric: str) -> float:
+        return self.curves[metric][-1][1]
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run folders at or below ``paths`` (a run folder, a sweep folder, or a folder of sweeps)."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"report: {path} does not exist")
+        found += sorted(p.parent.parent for p in path.rglob(str(METRICS_CSV)))
+    if not found:
+        raise FileNotFoundError(f"report: no run folder (with {METRICS_CSV}) under {[str(p) for p in paths]}")
+    return found
+
+
+def _label(run_dir: Path, config: dict) -> str:
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    kept = [o for o in overrides or [] if not o.lstrip("+~").startswith(_IGNORED_OVERRIDES)]
+    return ",".join(kept) or str(config.get("algorithm", {}).get("name", run_dir.name))
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read one run; held-out accuracy at iteration 0 is the base policy (needs ``eval.at_start``)."""
+    import pandas as pd
+
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"report: {config_file} missing (not an `nft-lit fit` run folder)")
+    config = yaml.safe_load(config_file.read_text())
+    frame = pd.read_csv(run_dir / METRICS_CSV)
+    if "epoch" not in frame:
+        raise ValueError(f"report: {run_dir / METRICS_CSV} has no 'epoch' column")
+    run = Run(path=run_dir, label=_label(run_dir, config), seed=int(config.get("seed", 0)))
+    at_start = bool(config.get("eval", {}).get("at_start", False))
+    for name, (metric, _) in CURVES.items():
+        if metric not in frame:
+            continue
+        rows = frame[frame[metric].notna()]
+        if name == "heldout_accuracy":
+            # Evaluations log after iteration `epoch` (so x = epoch + 1), except the one before training.
+            xs = [int(e) + 1 for e in rows["epoch"]]
+            if at_start and xs:
+                xs[0] = 0
+            points = list(zip(xs, rows[metric].astype(float), strict=True))
+        else:
+            # Per-optimizer-step metrics (entropy) are averaged over the iteration's steps.
+            per_iter = rows.groupby(rows["epoch"].astype(int))[metric].mean()
+            points = [(int(e) + 1, float(v)) for e, v in per_iter.items()]
+        run.curves[metric] = points
+    if HELDOUT not in run.curves:
+        raise ValueError(f"report: {run_dir} logged no {HELDOUT!r} (set eval.heldout in the experiment)")
+    return run
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(values: list[float], scale: float = 100.0) -> str:
+    mean, std = _mean_std([v * scale for v in values])
+    return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.label, []).append(run)
+    return groups
+
+
+def results_table(groups: dict[str, list[Run]]) -> str:
+    """Markdown table: held-out accuracy (%) of the base and after RL, mean ± std over seeds."""
+    lines = [
+        "| run | seeds | held-out before (%) | held-out after (%) | gain (points) | train reward after (%) "
+        "| entropy first → last iteration |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, runs in groups.items():
+        before = [r.first(HELDOUT) for r in runs]
+        after = [r.last(HELDOUT) for r in runs]
+        gain = [a - b for a, b in zip(after, before, strict=True)]
+        reward = [r.last("rollout/reward_mean") for r in runs if "rollout/reward_mean" in r.curves]
+        ent = [(r.first("train/entropy"), r.last("train/entropy")) for r in runs if "train/entropy" in r.curves]
+        ent_txt = (
+            f"{statistics.fmean(e[0] for e in ent):.3f} → {statistics.fmean(e[1] for e in ent):.3f}" if ent else "–"
+        )
+        lines.append(
+            f"| {label} | {len(runs)} | {_fmt(before)} | {_fmt(after)} | {_fmt(gain)} | "
+            f"{_fmt(reward) if reward else '–'} | {ent_txt} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
+    """One PNG per curve: mean over seeds per iteration, shaded ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, (metric, ylabel) in CURVES.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        drawn = False
+        for label, runs in groups.items():
+            by_x: dict[int, list[float]] = {}
+            for run in runs:
+                for x, y in run.curves.get(metric, []):
+                    by_x.setdefault(x, []).append(y)
+            if not by_x:
+                continue
+            xs = sorted(by_x)
+            stats = [_mean_std(by_x[x]) for x in xs]
+            means = [m for m, _ in stats]
+            ax.plot(xs, means, label=label)
+            ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
+            drawn = True
+        if not drawn:
+            plt.close(fig)
+            continue
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def report(paths: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
+    """Write ``report.md`` and the PNGs into ``out_dir``; returns the table and the PNG paths."""
+    runs = [load_run(p) for p in find_runs(paths)]
+    groups = group_runs(runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = results_table(groups)
+    pngs = plot_curves(groups, out_dir)
+    sources = "\n".join(f"- {r.label} seed {r.seed}: `{r.path}`" for r in runs)
+    (out_dir / "report.md").write_text(f"{table}\n\nRuns:\n{sources}\n")
+    return table, pngs
+
+
+def report_command(argv: list[str]) -> int:
+    """`nft-lit report RUN_OR_SWEEP_DIR... [--out DIR]`: print the table, write report.md and PNGs."""
+    parser = argparse.ArgumentParser(prog="nft-lit report", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", type=Path, nargs="+", help="run folders or sweep folders")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first path)")
+    args = parser.parse_args(argv)
+    table, pngs = report(args.paths, args.out or args.paths[0])
+    print(table)
+    for png in pngs:
+        print(png)
+    return 0
