@@ -33,6 +33,7 @@ class Run:
     path: Path
     label: str
     seed: int
+    overrides: list[str] = field(default_factory=list)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     def first(self, metric: str) -> float:
@@ -54,11 +55,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return found
 
 
-def _label(run_dir: Path, config: dict) -> str:
+def _overrides(run_dir: Path) -> list[str]:
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    kept = [o for o in overrides or [] if not o.lstrip("+~").startswith(_IGNORED_OVERRIDES)]
-    return ",".join(kept) or str(config.get("algorithm", {}).get("name", run_dir.name))
+    return [o for o in overrides or [] if not o.lstrip("+~").startswith(_IGNORED_OVERRIDES)]
 
 
 def load_run(run_dir: Path) -> Run:
@@ -72,7 +72,8 @@ def load_run(run_dir: Path) -> Run:
     frame = pd.read_csv(run_dir / METRICS_CSV)
     if "epoch" not in frame:
         raise ValueError(f"report: {run_dir / METRICS_CSV} has no 'epoch' column")
-    run = Run(path=run_dir, label=_label(run_dir, config), seed=int(config.get("seed", 0)))
+    name = str(config.get("algorithm", {}).get("name", run_dir.name))
+    run = Run(path=run_dir, label=name, seed=int(config.get("seed", 0)), overrides=_overrides(run_dir))
     at_start = bool(config.get("eval", {}).get("at_start", False))
     for name, (metric, _) in CURVES.items():
         if metric not in frame:
@@ -105,6 +106,11 @@ def _fmt(values: list[float], scale: float = 100.0) -> str:
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Group by the overrides that differ between runs (seed aside); the algorithm name when none do."""
+    varying = set().union(*(r.overrides for r in runs)) - set.intersection(*(set(r.overrides) for r in runs))
+    for run in runs:
+        label = ",".join(o for o in run.overrides if o in varying)
+        run.label = label or run.label
     groups: dict[str, list[Run]] = {}
     for run in runs:
         groups.setdefault(run.label, []).append(run)
