@@ -108,3 +108,23 @@ def test_bad_module_options_name_the_option():
         PolicyModule(_model(), NFTLoss(), lr=0.0)
     with pytest.raises(ValueError, match=r"module\.temperature"):
         PolicyModule(_model(), NFTLoss(), temperature=0.0)
+
+
+def test_fsdp_strategy_wraps_the_named_decoder_layer():
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from nft_lit.module import decoder_layer_classes, fsdp_strategy
+
+    strategy = fsdp_strategy(
+        "transformers.models.llama.modeling_llama.LlamaDecoderLayer", activation_checkpointing=True
+    )
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
+    assert checkpointed == {LlamaDecoderLayer}
+    off = fsdp_strategy("transformers.models.llama.modeling_llama.LlamaDecoderLayer")
+    assert not off._activation_checkpointing_kwargs
+    assert decoder_layer_classes(_model()) == {LlamaDecoderLayer}
+    with pytest.raises(ValueError, match=r"trainer\.strategy\.layer_class"):
+        fsdp_strategy("transformers.NoSuchLayer")

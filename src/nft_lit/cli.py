@@ -141,7 +141,8 @@ def build_callbacks(cfg: Any) -> list[Any]:
         ModelCheckpoint(
             dirpath=str(Path(cfg.run_dir) / "checkpoints"),
             save_last=cfg.checkpoint.save_last,
-            save_top_k=0,
+            # Lightning writes last.ckpt only alongside a top-k save: keep the newest iteration (no monitor).
+            save_top_k=1,
             every_n_epochs=cfg.checkpoint.every_n_iterations,
             save_on_train_epoch_end=True,
         ),

@@ -276,6 +276,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.cursor = 0
         self.iteration = 0
         self.last_stats: dict[str, float] = {}
+        self._finished_iteration: int | None = None
         self._prompt_cache: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ set-up and state
@@ -296,6 +297,9 @@ class RolloutDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.cursor = int(state_dict["cursor"])
         self.iteration = int(state_dict["iteration"])
+        # Checkpoints are written at the end of an iteration; on resume Lightning first sets up that
+        # finished epoch again before moving on. It must not consume prompts (see train_dataloader).
+        self._finished_iteration = self.iteration
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch.to(device) if isinstance(batch, StepBatch) else batch
@@ -548,7 +552,13 @@ class RolloutDataModule(pl.LightningDataModule):
         if not self._has_trainer():
             raise RuntimeError("RolloutDataModule.train_dataloader needs a trainer (it uses the live model)")
         model = self.trainer.lightning_module
-        self.iteration = self.trainer.current_epoch
+        epoch = self.trainer.current_epoch
+        if epoch == self._finished_iteration:
+            # The iteration the resumed checkpoint closed: Lightning skips to the next epoch without
+            # iterating this loader, so hand it an empty (no-op) step instead of generating.
+            self._finished_iteration = None
+            return DataLoader(_ListDataset([StepBatch([], 0)]), batch_size=None, collate_fn=_identity)
+        self.iteration = epoch
         self.setup("fit")
         assert self.engine is not None
         self._phase("sync")
