@@ -70,5 +70,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     assert a[dm_key] == b[dm_key] and a[dm_key]["cursor"] > mid[dm_key]["cursor"]
     # the optimizer moments and LR schedule were restored, not restarted
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 8
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+    for sa, sb in zip(
+        a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True
+    ):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
