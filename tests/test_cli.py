@@ -200,3 +200,35 @@ def test_smoke_experiment_runs_every_algorithm(tmp_path, algorithm):
     assert "val/heldout/avg@1" in metrics and 0.0 <= metrics["val/heldout/avg@1"] <= 1.0
     assert {"rollout/pass_rate", "rollout/gen_tokens_per_second", "train/seconds"} <= set(metrics)
     assert any((tmp_path / "tb").iterdir())
+
+
+VLLM_LOAD = """
+import sys, json
+import torch
+from transformers import AutoModelForCausalLM
+from vllm import LLM, SamplingParams
+folder = sys.argv[1]
+llm = LLM(model=folder, enforce_eager=True, dtype="float32", max_model_len=64, seed=0, gpu_memory_utilization=0.1)
+out = llm.generate([{"prompt_token_ids": [5, 6, 13]}], SamplingParams(temperature=0, max_tokens=3))
+hf_model = AutoModelForCausalLM.from_pretrained(folder)
+hf = hf_model.generate(torch.tensor([[5, 6, 13]]), max_new_tokens=3, do_sample=False)
+print(json.dumps({"vllm": list(out[0].outputs[0].token_ids), "hf": hf[0, 3:].tolist()}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_exported_folder_loads_in_vllm(tmp_path):
+    run = tmp_path / "run"
+    _nft_lit("fit", "experiment=smoke", "iterations=1", "eval.at_start=false", f"hydra.run.dir={run}", *DATA)
+    out = tmp_path / "hf"
+    _nft_lit(
+        "export", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out={out}", f"hydra.run.dir={tmp_path / 'e'}"
+    )
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", VLLM_LOAD, str(out)], capture_output=True, text=True, env=env, timeout=400
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["vllm"] == result["hf"] and len(result["vllm"]) >= 1

@@ -112,3 +112,18 @@ def test_bad_options_name_the_option():
         make_datamodule(num_mini_batches=0)
     with pytest.raises(ValueError, match="overlong_buffer"):
         make_datamodule(overlong_buffer=0)
+
+
+def test_shard_batches_give_every_rank_identical_chunk_shapes(monkeypatch):
+    from _rollout_fakes import addition_problems
+
+    import nft_lit.datamodule as dmod
+
+    problems = addition_problems(7)
+    shards = []
+    for rank in range(3):
+        monkeypatch.setattr(dmod, "_world", lambda rank=rank: (rank, 3))
+        shards.append(dmod.shard_batches(problems, batch_prompts=2))
+    assert [[len(c) for c, _ in s] for s in shards] == [[2, 1]] * 3
+    scored = [p.id for s in shards for c, real in s for p in c[:real]]
+    assert sorted(scored) == sorted(p.id for p in problems)  # each problem scored exactly once

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = r'''
+SCRIPT = r"""
 import json, sys
 import lightning.pytorch as pl
 import torch
@@ -52,7 +52,7 @@ trainer.fit(module, dm)
 if trainer.global_rank == 0:
     sharded = any(type(p).__name__ == "DTensor" for p in module.model.parameters())
     json.dump({"losses": rec.losses, "steps": trainer.global_step, "sharded": sharded}, open(out, "w"))
-'''
+"""
 
 
 def _run(tmp_path: Path, world: int) -> dict:
@@ -62,7 +62,11 @@ def _run(tmp_path: Path, world: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(script), str(world), str(out), str(Path(__file__).parent)],
-        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -80,3 +84,34 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
     print("1 process:", one["losses"], "\n2 processes:", two["losses"])
     for a, b in zip(one["losses"], two["losses"], strict=True):
         assert b == pytest.approx(a, abs=1e-4, rel=1e-3)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_nft_lit_fit_with_cpu_fsdp2_trainer_config(tmp_path):
+    """`nft-lit fit trainer=cpu_fsdp2`: Lightning's launcher starts rank 1 from the same command line."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nft_lit.cli",
+            "fit",
+            "experiment=smoke",
+            "trainer=cpu_fsdp2",
+            "iterations=2",
+            "eval.every_n_iterations=2",
+            f"hydra.run.dir={run}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "MEMBER: 2/2" in proc.stderr + proc.stdout or (run / "train_ddp_process_1.log").exists()
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    header = (run / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "rollout/pass_rate" in header and "val/heldout/avg@1" in header

@@ -114,18 +114,23 @@ def check_config(cfg: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- building
 def _run_hydra(argv: list[str], task: Any, name: str) -> int:
-    import hydra
+    """Run ``task(cfg)`` as a Hydra app over configs/train.yaml with ``argv`` as Hydra's command line.
 
-    @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
-    def _app(cfg: Any) -> None:
-        task(cfg)
+    Hydra is driven directly (``hydra.main`` would parse ``sys.argv``, which here still starts with the
+    sub-command), so ``sys.argv`` stays the real command line: Lightning's launcher re-runs exactly it,
+    plus the parent's ``hydra.run.dir``, to start the other ranks of a multi-process run.
+    """
+    from hydra._internal.utils import _run_hydra as run_hydra
+    from hydra._internal.utils import get_args_parser
 
-    saved = sys.argv
-    sys.argv = [f"nft-lit {name}", *argv]
-    try:
-        _app()
-    finally:
-        sys.argv = saved
+    parser = get_args_parser()
+    run_hydra(
+        args=parser.parse_args(argv),
+        args_parser=parser,
+        task_function=task,
+        config_path=str(CONFIG_DIR),
+        config_name="train",
+    )
     return 0
 
 

@@ -110,20 +110,21 @@ def encode_prompt(question: str, template: PromptTemplate | None, tokenizer: Any
     return list(template.encode(question, tokenizer))
 
 
-def shard_batches(problems: Sequence[Problem], batch_prompts: int) -> list[tuple[list[Problem], bool]]:
-    """This rank's share of ``problems`` in chunks, as (chunk, is_padding).
+def shard_batches(problems: Sequence[Problem], batch_prompts: int) -> list[tuple[list[Problem], int]]:
+    """This rank's share of ``problems`` in chunks, as (chunk, number of real problems at its front).
 
-    Every rank gets the same number of chunks (engines generating with a sharded model need the same
-    number of ``generate`` calls everywhere); a rank with fewer problems repeats the first problem in
-    chunks flagged as padding, which callers generate for but do not score.
+    Every rank gets the same number of chunks of the same sizes (engines that generate with a sharded model
+    need identical ``generate`` calls everywhere): shorter shards are padded with ``problems[0]``, which
+    callers generate for but do not score.
     """
     rank, world = _world()
     shard = list(problems)[rank::world]
     per_rank = math.ceil(len(problems) / world)
+    padded = shard + [problems[0]] * (per_rank - len(shard))
     out = []
     for start in range(0, per_rank, batch_prompts):
-        chunk = shard[start : start + batch_prompts]
-        out.append((chunk, False) if chunk else ([problems[0]], True))
+        chunk = padded[start : start + batch_prompts]
+        out.append((chunk, max(0, min(len(shard) - start, len(chunk)))))
     return out
 
 
@@ -587,7 +588,7 @@ class RolloutDataModule(pl.LightningDataModule):
         return DataLoader(_ListDataset(steps), batch_size=None, shuffle=False, collate_fn=_identity)
 
     def val_dataloader(self) -> DataLoader | list:
-        """Chunks of this rank's share of ``val_problems`` as (problems, is_padding); [] when unset."""
+        """Chunks of this rank's share of ``val_problems`` as (problems, number to score); [] when unset."""
         if not self.val_problems:
             return []
         chunks = shard_batches(self.val_problems, self.val_batch_prompts)

@@ -152,14 +152,13 @@ def evaluate_benchmark(
     passes = {j: PassAtK(j) for j in benchmark.pass_k}
     t0 = time.perf_counter()
     tokens = 0
-    for chunk, is_padding in shard_batches(benchmark.problems, batch_prompts):
+    for chunk, real in shard_batches(benchmark.problems, batch_prompts):
         correct, n = sample_correctness(chunk, engine, tokenizer, prompt_template, verifier, k, sampling)
-        if is_padding:
-            continue
-        avg.update(correct)
-        for m in passes.values():
-            m.update(correct)
-        tokens += n
+        if real:
+            avg.update(correct[:real])
+            for m in passes.values():
+                m.update(correct[:real])
+            tokens += n
     # Metric.compute() sums the states over ranks when torch.distributed is initialised.
     results = {f"avg@{k}": float(avg.compute())}
     results.update({f"pass@{j}": float(m.compute()) for j, m in passes.items()})
@@ -241,7 +240,10 @@ class HeldOutEvaluation(pl.Callback):
             self.batch_prompts,
         )
         self.history.append({"step": float(trainer.global_step), **results})
-        pl_module.log_dict({f"val/{k}": v for k, v in results.items()}, on_step=False, on_epoch=True)
+        # The metrics are already summed over ranks: identical everywhere.
+        pl_module.log_dict(
+            {f"val/{k}": v for k, v in results.items()}, on_step=False, on_epoch=True, rank_zero_only=True
+        )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_start and trainer.current_epoch == 0:

@@ -303,23 +303,23 @@ class PolicyModule(pl.LightningModule):
         # A plain dict: metrics stay out of the module's state_dict and checkpoints.
         self._val_metrics = {f"avg@{k}": AvgAtK(), **({f"pass@{k}": PassAtK(k)} if k > 1 else {})}
 
-    def validation_step(self, batch: tuple[list[Any], bool], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[list[Any], int], batch_idx: int) -> None:
         from nft_lit.evaluation import sample_correctness
 
         dm = self.trainer.datamodule
-        problems, is_padding = batch
+        problems, real = batch
         correct, _ = sample_correctness(
             problems, dm.engine, dm.tokenizer, dm.prompt_template, dm.verifier, dm.val_num_samples, dm.val_sampling
         )
-        if not is_padding:
+        if real:
             for metric in self._val_metrics.values():
-                metric.update(correct)
+                metric.update(correct[:real])
 
     def on_validation_epoch_end(self) -> None:
         name = self.trainer.datamodule.val_name
         # compute() sums the metric states over ranks itself.
         values = {f"val/{name}/{key}": m.compute() for key, m in self._val_metrics.items()}
-        self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+        self.log_dict(values, on_step=False, on_epoch=True, rank_zero_only=True)
 
     def on_train_epoch_end(self) -> None:
         seconds = time.perf_counter() - self._epoch_start
@@ -328,4 +328,5 @@ class PolicyModule(pl.LightningModule):
         for k, v in (getattr(dm, "last_stats", None) or {}).items():
             logs[f"rollout/{k}"] = float(v)
         logs["iteration"] = float(self.current_epoch)
-        self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=False)
+        # Rollout statistics are computed from the data gathered over all ranks: identical everywhere.
+        self.log_dict(logs, on_step=False, on_epoch=True, rank_zero_only=True)
