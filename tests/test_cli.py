@@ -97,9 +97,8 @@ def test_fit_export_validate_on_smoke(tmp_path):
         *DATA,
         "validate.num_samples=2",
         "validate.pass_k=[1,2]",
-        "validate.sampling.temperature=1.0",
-        "validate.sampling.top_p=1.0",
-        "+data.eval_samples=2",
+        "validate.temperature=1.0",
+        "validate.top_p=1.0",
     )
     res = json.loads((vdir / "validate.json").read_text())["results"]
     assert set(res) >= {"synthetic_add1/avg@2", "synthetic_add1/pass@2", "average/avg"}

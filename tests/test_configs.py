@@ -42,16 +42,15 @@ def test_every_experiment_composes_and_passes_the_checks(experiment):
     check_config(cfg)
     assert cfg.datamodule.num_answers == cfg.algorithm.num_answers
     instantiate(cfg.algorithm.loss)
-    instantiate(cfg.validate.sampling)
 
 
 def test_paper_7b_has_the_paper_hyperparameters():
     cfg = _compose("experiment=paper_7b")
     assert cfg.datamodule.prompts_per_step == 512 and cfg.algorithm.num_answers == 16
     assert cfg.datamodule.num_mini_batches == 16 and cfg.module.lr == 1e-6 and cfg.module.warmup_steps == 10
-    assert cfg.sampling.max_new_tokens == 3584 and cfg.validate.sampling.top_p == 0.7
+    assert cfg.sampling.max_new_tokens == 3584
     cfg32 = _compose("experiment=paper_32b")
-    assert cfg32.sampling.max_new_tokens == 14336 and cfg32.validate.sampling.temperature == 0.6
+    assert cfg32.sampling.max_new_tokens == 14336 and cfg32.validate.temperature == 0.6
     assert cfg32.model.pretrained == "Qwen/Qwen2.5-32B" and cfg.model.pretrained == "Qwen/Qwen2.5-Math-7B"
 
 
@@ -119,3 +118,21 @@ def test_overlong_buffer_longer_than_the_response_budget_is_named():
         ConfigError, match=r"algorithm\.overlong_buffer=512 must be in \(0, sampling\.max_new_tokens=3\]"
     ):
         check_config(cfg)
+
+
+def test_validate_benchmarks_follow_each_data_config_protocol():
+    from nft_lit.cli import build_benchmarks
+
+    cfg = _compose("experiment=paper_7b")  # AIME/AMC avg@32, the rest avg@1, top-p 0.7, T 1.0
+    benches = {b.name: b for b in build_benchmarks(cfg)}
+    assert set(benches) == {"aime24", "aime25", "amc23", "math500", "olympiadbench", "minerva_math"}
+    assert benches["aime24"].num_samples == 32 and len(benches["aime24"].problems) == 30
+    assert benches["math500"].num_samples == 1 and len(benches["math500"].problems) == 500
+    assert all(b.sampling.top_p == 0.7 and b.sampling.temperature == 1.0 for b in benches.values())
+    cfg32 = _compose("experiment=paper_32b", "validate.benchmarks=[amc23]", "validate.pass_k=[1,16,64]")
+    (amc,) = build_benchmarks(cfg32)
+    assert amc.sampling.temperature == 0.6 and amc.sampling.max_new_tokens == 14336 and amc.pass_k == (1, 16)
+    single = build_benchmarks(_compose("data=math500", "validate.num_samples=4"))
+    assert [(b.name, b.num_samples) for b in single] == [("math500", 4)]
+    with pytest.raises(ConfigError, match=r"validate\.benchmarks: no data config 'nope'"):
+        build_benchmarks(_compose("validate.benchmarks=[nope]"))

@@ -248,36 +248,55 @@ def load_policy(ckpt_path: str) -> tuple[Any, Any]:
     return module, run_cfg
 
 
-def run_validate(cfg: Any) -> dict[str, float]:
-    """Evaluate ``ckpt_path`` on ``validate.benchmarks`` (or the selected ``data``); log and write JSON."""
+def build_benchmarks(cfg: Any) -> list[Any]:
+    """The ``validate.benchmarks`` data configs (or the selected ``data``) with their evaluation protocol."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from nft_lit.evaluation import Benchmark, evaluate_benchmarks, write_results
+    from nft_lit.evaluation import Benchmark
+    from nft_lit.rollout import SamplingParams
+
+    v = cfg.validate
+    if v.benchmarks is None:
+        nodes = [cfg.data]
+    else:
+        nodes = []
+        for name in v.benchmarks:
+            path = CONFIG_DIR / "data" / f"{name}.yaml"
+            if not path.is_file():
+                known = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
+                raise ConfigError(f"validate.benchmarks: no data config {name!r}; expected one of {known}")
+            nodes.append(OmegaConf.load(path))
+
+    def pick(override: Any, node: Any, key: str, default: Any) -> Any:
+        return override if override is not None else node.get(key, default)
+
+    benchmarks = []
+    for node in nodes:
+        k = int(pick(v.num_samples, node, "eval_samples", 1))
+        sampling = SamplingParams(
+            temperature=float(pick(v.temperature, node, "eval_temperature", cfg.sampling.temperature)),
+            top_p=float(pick(v.top_p, node, "eval_top_p", 1.0)),
+            max_new_tokens=int(v.max_new_tokens),
+            seed=v.seed,
+        )
+        pass_k = tuple(j for j in v.pass_k if j <= k)
+        benchmarks.append(Benchmark(str(node.name), instantiate(node.problems), k, sampling, pass_k))
+    return benchmarks
+
+
+def run_validate(cfg: Any) -> dict[str, float]:
+    """Evaluate ``ckpt_path`` on ``validate.benchmarks`` (or the selected ``data``); log and write JSON."""
+    from hydra.utils import instantiate
+
+    from nft_lit.evaluation import evaluate_benchmarks, write_results
 
     if cfg.get("ckpt_path") is None:
         raise ConfigError("validate needs ckpt_path=<checkpoint file>")
     module, run_cfg = load_policy(str(cfg.ckpt_path))
     model = module.model.eval()
-    names = cfg.validate.benchmarks
-    data_nodes = (
-        [cfg.data]
-        if names is None
-        else [OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "data" / f"{n}.yaml")) for n in names]
-    )
-    base = instantiate(cfg.validate.sampling)
-    benchmarks = []
-    for node in data_nodes:
-        k = cfg.validate.num_samples_by_benchmark.get(node.name, node.get("eval_samples", cfg.validate.num_samples))
-        sampling = type(base)(
-            temperature=node.get("eval_temperature", base.temperature),
-            top_p=node.get("eval_top_p", base.top_p),
-            top_k=base.top_k,
-            max_new_tokens=base.max_new_tokens,
-            seed=base.seed,
-        )
-        ks = tuple(j for j in cfg.validate.pass_k if j <= k)
-        benchmarks.append(Benchmark(str(node.name), instantiate(node.problems), int(k), sampling, ks))
+    benchmarks = build_benchmarks(cfg)
+    base = benchmarks[0].sampling
     engine = instantiate(run_cfg.rollout if cfg.get("rollout") is None else cfg.rollout)
     if not hasattr(engine, "generate"):
         engine = engine()
