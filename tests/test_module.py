@@ -128,3 +128,15 @@ def test_fsdp_strategy_wraps_the_named_decoder_layer():
     assert decoder_layer_classes(_model()) == {LlamaDecoderLayer}
     with pytest.raises(ValueError, match=r"trainer\.strategy\.layer_class"):
         fsdp_strategy("transformers.NoSuchLayer")
+
+
+def test_kl_penalty_uses_a_frozen_reference_copy():
+    module, trainer = _fit(GRPOLoss(kl_coef=0.5), iterations=1, dynamic_sampling=False)
+    assert module.ref_model is not None
+    assert all(not p.requires_grad for p in module.ref_model.parameters())
+    init = _model().state_dict()
+    for name, p in module.ref_model.state_dict().items():
+        assert torch.equal(p, init[name]), name  # the reference never moves
+    assert any(not torch.equal(p, init[n]) for n, p in module.model.state_dict().items())
+    # GRPOLoss.validate_batch refuses kl_coef > 0 without ref_logprobs: the steps ran, so they were given
+    assert trainer.global_step == 2
