@@ -197,6 +197,8 @@ def test_smoke_experiment_runs_every_algorithm(tmp_path, algorithm):
             steps += min(2, kept)
     assert sum(1 for r in rows if r.get("train/loss")) == steps
     assert "val/heldout/avg@1" in metrics and 0.0 <= metrics["val/heldout/avg@1"] <= 1.0
+    # held-out evaluations: before training, then after iterations 2 and 4, each its own logged point
+    assert sum(1 for r in rows if r.get("val/heldout/avg@1")) == 3
     assert {"rollout/pass_rate", "rollout/gen_tokens_per_second", "train/seconds"} <= set(metrics)
     assert any((tmp_path / "tb").iterdir())
 

@@ -216,7 +216,7 @@ def run_fit(cfg: Any) -> dict[str, float]:
     if ckpt == "last" and not (Path(cfg.run_dir) / "checkpoints" / "last.ckpt").exists():
         raise ConfigError(f"ckpt_path=last but {Path(cfg.run_dir) / 'checkpoints' / 'last.ckpt'} does not exist")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    return {k: float(v) for k, v in trainer.logged_metrics.items()}
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
 def fit_command(argv: list[str]) -> int:

@@ -240,10 +240,16 @@ class HeldOutEvaluation(pl.Callback):
             self.batch_prompts,
         )
         self.history.append({"step": float(trainer.global_step), **results})
-        # The metrics are already summed over ranks: identical everywhere.
-        pl_module.log_dict(
-            {f"val/{k}": v for k, v in results.items()}, on_step=False, on_epoch=True, rank_zero_only=True
-        )
+        # Straight to the loggers at the current global step rather than through self.log(on_epoch=True):
+        # Lightning would average the at-start evaluation with the end of iteration 0 into one point, and
+        # the untrained policy's accuracy would never appear on its own. The results are already reduced
+        # over ranks, so rank 0 writes them.
+        metrics = {f"val/{k}": v for k, v in results.items()}
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})  # for callbacks/tests
+        if trainer.is_global_zero:
+            # "epoch" as Lightning's own logging adds it, so CSV rows line up with the per-iteration metrics
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics | {"epoch": float(trainer.current_epoch)}, step=trainer.global_step)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.at_start and trainer.current_epoch == 0:
