@@ -374,6 +374,7 @@ def test_algorithm_config_composes_and_instantiates(name):
     loss = instantiate(algo.loss)
     assert isinstance(loss, PolicyLoss)
     assert isinstance(algo.dynamic_sampling, bool)
+    assert algo.whole_groups == loss.requires_whole_groups
     assert algo.num_answers >= 2
     if loss.requires_binary_rewards:
         assert algo.overlong_buffer is None, "NFT/RFT need binary rewards: no overlong shaping"
