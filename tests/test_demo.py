@@ -11,7 +11,7 @@ from nft_lit.models import ModelSpec, load_model
 from nft_lit.report import report
 from nft_lit.warmup import ModelShape, WarmupConfig, warmup
 
-pytestmark = pytest.mark.slow
+# ~10 s on an idle 2-core machine, ~50 s under load: below the 60 s bar for `slow`.
 
 
 def test_cut_down_demo_produces_all_artefacts(tmp_path):
