@@ -1,5 +1,10 @@
-import pytest
+from pathlib import Path
 
+import pytest
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from nft_lit.data import ProblemSet
 from nft_lit.synthetic import ALPHABET, ArithmeticTask, arithmetic_problems, count_carries, sample_problems
 
 
@@ -77,3 +82,18 @@ def test_bad_config_is_named(kwargs, match):
 def test_too_small_space_is_a_clear_error():
     with pytest.raises(ValueError, match="fewer than 50 distinct heldout"):
         arithmetic_problems(split="heldout", size=50, digits=1)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).parents[1] / "configs" / "data").glob("synthetic*.yaml")),
+    ids=lambda p: p.stem,
+)
+def test_synthetic_data_configs_instantiate(path):
+    cfg = OmegaConf.load(path)
+    cfg.problems.size = 50
+    problems = instantiate(cfg.problems)
+    assert isinstance(problems, ProblemSet) and len(problems) == 50
+    assert cfg.name == path.stem
+    for p in problems:  # zero-padded operands: every question of a config has the same length
+        assert len(p.question) == len(problems[0].question)
