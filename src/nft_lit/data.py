@@ -184,8 +184,8 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return path
 
 
-def _read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line or row number from 1, record) of a jsonl or parquet file."""
+def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line or row number from 1, record) of a jsonl or parquet file; errors name the file and line."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -199,7 +199,7 @@ def _read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: malformed JSON ({exc.msg})") from exc
+                raise ValueError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             yield line_no, record
@@ -267,7 +267,7 @@ def load_problems(
                 f"load_problems: {path} not found for {name}/{split}; set data.data_dir or NFT_DATA_DIR to the "
                 f"folder holding {spec.files[split]}"
             )
-        origin, records = str(path), _read_records(path)
+        origin, records = str(path), read_records(path)
 
     excluded_ids: set[str] = set()
     excluded_texts: set[str] = set()

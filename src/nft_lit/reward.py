@@ -509,30 +509,24 @@ def overlong_penalty(lengths: list[int], max_response_len: int, buffer: int, fac
 
 
 def _read_pairs(path: str) -> list[dict[str, Any]]:
+    # imported here: data.py imports this module (extract_boxed) at its top
+    from nft_lit.data import read_records
+
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-            for key in ("response", "gold"):
-                if key not in record:
-                    raise ValueError(f"{path}:{line_no}: missing field '{key}'")
-                if not isinstance(record[key], str):
-                    raise ValueError(
-                        f"{path}:{line_no}: field '{key}' must be a string, got "
-                        f"{type(record[key]).__name__} ({record[key]!r:.40})"
-                    )
-            if not isinstance(record.get("truncated", False), bool):
-                raise ValueError(f"{path}:{line_no}: field 'truncated' must be true or false when present")
-            records.append(record)
+    for line_no, record in read_records(Path(path)):
+        for key in ("response", "gold"):
+            if key not in record:
+                raise ValueError(f"{path}:{line_no}: missing field '{key}'")
+            if not isinstance(record[key], str):
+                raise ValueError(
+                    f"{path}:{line_no}: field '{key}' must be a string, got "
+                    f"{type(record[key]).__name__} ({record[key]!r:.40})"
+                )
+        if not isinstance(record.get("truncated", False), bool):
+            raise ValueError(f"{path}:{line_no}: field 'truncated' must be true or false when present")
+        records.append(record)
     if not records:
         raise ValueError(f"{path}: empty file (expected one JSON object per line with 'response' and 'gold')")
     return records
