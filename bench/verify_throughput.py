@@ -16,6 +16,9 @@ import random
 import re
 import resource
 import time
+from pathlib import Path
+
+from common import meta, write_json
 
 from nft_lit.data import load_problems
 from nft_lit.reward import MathVerifier, extract_boxed
@@ -87,7 +90,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=5.0)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--no-fast-path", action="store_true", help="send every pair to math-verify")
+    parser.add_argument("--quick", action="store_true", help="200 pairs (harness check)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/verify_throughput.json"))
     args = parser.parse_args()
+    if args.quick:
+        args.pairs = 200
     responses, golds, expected = build_pairs(args.pairs, args.data_dir)
     with MathVerifier(args.workers, args.timeout, local_fast_path=not args.no_fast_path) as verifier:
         verifier.score(responses[:8], golds[:8], [False] * 8)  # workers started and warm
@@ -108,6 +115,18 @@ def main() -> None:
     per_cpu_s = len(responses) / worker_cpu_s
     print(f"verifications per worker CPU-second {per_cpu_s:.1f}; load average {os.getloadavg()[0]:.2f}")
     print("stats " + ", ".join(f"{k} {v:g}" for k, v in result.stats.items()))
+    write_json(
+        args.out,
+        {
+            "meta": meta(workers=args.workers, pairs=len(responses), load_average=os.getloadavg()[0]),
+            "verifications_per_s": len(responses) / seconds,
+            "verifications_per_worker_cpu_s": per_cpu_s,
+            "other_form_scored_1": correct_acc,
+            "wrong_scored_0": wrong_acc,
+            "sent_to_math_verify": sent,
+            "stats": result.stats,
+        },
+    )
 
 
 if __name__ == "__main__":

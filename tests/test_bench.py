@@ -91,6 +91,13 @@ def check_memory(data: dict) -> None:
     assert rows["sft"]["ratio_vs_sft"] == 1.0
 
 
+def check_verify(data: dict) -> None:
+    assert data["meta"]["pairs"] == 200 and positive(data["verifications_per_s"])
+    # the bench's pairs are built to be scored right: other-form answers 1, wrong answers 0
+    assert data["other_form_scored_1"] >= 0.9 and data["wrong_scored_0"] >= 0.95
+    assert data["stats"]["timeouts"] == 0
+
+
 def check_gpu_smoke(data: dict) -> None:
     assert [(r["attention"], r["checkpointing"]) for r in data["train_step"]][:2] == [("sdpa", False), ("sdpa", True)]
     assert all(positive(r["tokens_per_s"]) and r["mfu"] is None for r in data["train_step"])  # no peak FLOP/s on CPU
@@ -111,8 +118,7 @@ SPECS: dict[str, tuple[list[str], Callable[[dict], None] | None, list[Any]]] = {
     "memory.py": (["--quick"], check_memory, [pytest.mark.slow]),
     "gpu_check.py": (["--cpu-smoke"], check_gpu_smoke, []),
     "rollout_throughput.py": (["--quick"], check_rollout, [pytest.mark.slow, pytest.mark.vllm]),
-    # no --quick or JSON output of its own; a small run (needs ../shared/data/math500)
-    "verify_throughput.py": (["--pairs", "100"], None, []),
+    "verify_throughput.py": (["--quick"], check_verify, []),  # needs ../shared/data/math500
 }
 
 
