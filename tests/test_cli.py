@@ -233,3 +233,20 @@ def test_exported_folder_loads_in_vllm(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["vllm"] == result["hf"] and len(result["vllm"]) >= 1
+
+
+def test_validate_without_checkpoint_evaluates_the_configured_model(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from nft_lit.cli import CONFIG_DIR, ConfigError, run_validate
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=smoke", f"run_dir={tmp_path}"])
+        cfg.validate.out = str(tmp_path / "validate.json")
+        results = run_validate(cfg)
+    assert 0.0 <= results["synthetic_add1/avg@1"] <= 1.0
+    written = json.loads((tmp_path / "validate.json").read_text())
+    assert written["results"]["synthetic_add1/avg@1"] == pytest.approx(results["synthetic_add1/avg@1"])
+    cfg.model = None
+    with pytest.raises(ConfigError, match="ckpt_path"):
+        run_validate(cfg)

@@ -291,10 +291,16 @@ def run_validate(cfg: Any) -> dict[str, float]:
 
     from nft_lit.evaluation import evaluate_benchmarks, write_results
 
-    if cfg.get("ckpt_path") is None:
-        raise ConfigError("validate needs ckpt_path=<checkpoint file>")
-    module, run_cfg = load_policy(str(cfg.ckpt_path))
-    model = module.model.eval()
+    if cfg.get("ckpt_path") is not None:
+        module, run_cfg = load_policy(str(cfg.ckpt_path))
+        model = module.model.eval()
+    elif cfg.get("model") is not None:
+        # no checkpoint: evaluate the configured model itself (the base policy's "before" numbers)
+        from nft_lit.models import load_model
+
+        model, run_cfg = load_model(instantiate(cfg.model)).eval(), cfg
+    else:
+        raise ConfigError("validate needs ckpt_path=<checkpoint file>, or model=<config> to evaluate a base model")
     benchmarks = build_benchmarks(cfg)
     base = benchmarks[0].sampling
     engine = instantiate(run_cfg.rollout if cfg.get("rollout") is None else cfg.rollout)
@@ -308,7 +314,9 @@ def run_validate(cfg: Any) -> dict[str, float]:
     for logger in build_loggers(cfg):
         logger.log_metrics({f"validate/{k}": v for k, v in results.items()}, step=0)
         logger.finalize("success")
-    path = write_results(results, cfg.validate.out, {"ckpt_path": str(cfg.ckpt_path)})
+    path = write_results(
+        results, cfg.validate.out, {"ckpt_path": str(cfg.get("ckpt_path")), "model": str(cfg.get("model"))}
+    )
     for key, value in sorted(results.items()):
         print(f"{key:<40} {value:.4f}")
     print(f"wrote {path}")
