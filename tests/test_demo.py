@@ -9,28 +9,14 @@ import pytest
 
 from nft_lit.models import ModelSpec, load_model
 from nft_lit.report import report
-from nft_lit.warmup import ModelShape, WarmupConfig, warmup
+from nft_lit.warmup import warmup
 
 # ~10 s on an idle 2-core machine, ~50 s under load: below the 60 s bar for `slow`.
 
 
-def test_cut_down_demo_produces_all_artefacts(tmp_path):
+def test_cut_down_demo_produces_all_artefacts(tmp_path, tiny_warmup):
     base = warmup(
-        WarmupConfig(
-            name="demo",
-            sft_task={"digits": 1, "operation": "+"},
-            rl_task={"digits": 1, "operation": "+"},
-            model=ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
-            lr=3e-3,
-            batch_size=32,
-            train_size=80,
-            max_steps=400,
-            eval_every=20,
-            eval_size=32,
-            target_pass_rate=0.2,
-            max_pass_rate=1.0,
-            max_new_tokens=3,
-        ),
+        tiny_warmup(name="demo"),
         tmp_path / "cache" / "warmup",
     )
     assert (base.path / "config.json").is_file() and (base.path / "model.safetensors").is_file()

@@ -4,28 +4,11 @@ import pytest
 import torch
 
 from nft_lit.models import ModelSpec, load_model, load_tokenizer
-from nft_lit.warmup import ModelShape, WarmupConfig, warmup
-
-# 1-digit addition with a 2-layer model learns to a 20% sampled pass rate in a few dozen steps.
-TINY = dict(
-    name="tiny",
-    sft_task={"digits": 1, "operation": "+"},
-    rl_task={"digits": 1, "operation": "+"},
-    model=ModelShape(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128),
-    lr=3e-3,
-    batch_size=32,
-    train_size=80,
-    max_steps=400,
-    eval_every=20,
-    eval_size=32,
-    target_pass_rate=0.2,
-    max_pass_rate=1.0,
-    max_new_tokens=3,
-)
+from nft_lit.warmup import warmup
 
 
-def test_warmup_stops_on_measured_pass_rate_and_is_cached(tmp_path):
-    config = WarmupConfig(**TINY)
+def test_warmup_stops_on_measured_pass_rate_and_is_cached(tmp_path, tiny_warmup):
+    config = tiny_warmup()
     first = warmup(config, tmp_path)
     assert not first.reused
     assert first.pass_rate >= 0.2
@@ -48,15 +31,15 @@ def test_warmup_stops_on_measured_pass_rate_and_is_cached(tmp_path):
     assert (first.path / "model.safetensors").stat().st_mtime_ns == weights
 
 
-def test_key_changes_with_any_field():
-    base = WarmupConfig(**TINY)
-    assert base.key() == WarmupConfig(**TINY).key()
-    assert base.key() != WarmupConfig(**{**TINY, "lr": 1e-3}).key()
-    assert base.key() != WarmupConfig(**{**TINY, "sft_task": {"digits": 1, "max_carries": 0}}).key()
+def test_key_changes_with_any_field(tiny_warmup):
+    base = tiny_warmup()
+    assert base.key() == tiny_warmup().key()
+    assert base.key() != tiny_warmup(lr=1e-3).key()
+    assert base.key() != tiny_warmup(sft_task={"digits": 1, "max_carries": 0}).key()
 
 
-def test_unreached_target_is_a_clear_error(tmp_path):
-    config = WarmupConfig(**{**TINY, "max_steps": 20, "target_pass_rate": 0.99})
+def test_unreached_target_is_a_clear_error(tmp_path, tiny_warmup):
+    config = tiny_warmup(max_steps=20, target_pass_rate=0.99)
     with pytest.raises(RuntimeError, match=r"below target_pass_rate=0\.99"):
         warmup(config, tmp_path)
     assert not (tmp_path / "tiny").exists()
@@ -70,13 +53,13 @@ def test_unreached_target_is_a_clear_error(tmp_path):
         ({"sft_task": {"operation": "/"}}, "operation"),
     ],
 )
-def test_bad_config(override, match):
+def test_bad_config(override, match, tiny_warmup):
     with pytest.raises(ValueError, match=match):
-        WarmupConfig(**{**TINY, **override})
+        tiny_warmup(**override)
 
 
-def test_training_is_deterministic(tmp_path):
-    config = WarmupConfig(**TINY)
+def test_training_is_deterministic(tmp_path, tiny_warmup):
+    config = tiny_warmup()
     a = warmup(config, tmp_path / "a", force=True)
     b = warmup(config, tmp_path / "b", force=True)
     wa = load_model(ModelSpec(pretrained=str(a.path))).state_dict()
