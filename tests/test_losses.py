@@ -414,3 +414,12 @@ def test_training_step_changes_parameters(name):
         optimizer.step()
     changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())]
     assert len(changed) == len(before), f"{name}: unchanged parameters {set(before) - set(changed)}"
+
+
+def test_positive_ratio_floor_bounds_the_positive_weight():
+    """Released-code option: positive ratios are floored straight-through, so the weight ω/R stops at ω/floor."""
+    ratios = torch.tensor([0.05, 0.2, 0.5, 1.0, 2.0], dtype=torch.float64)
+    floored = gradient_weights(NFTLoss(omega="uniform", positive_ratio_floor=0.5), ratios, reward=1, r_hat=0.5)
+    assert torch.allclose(floored, (1.0 / ratios.clamp(min=0.5)).float())
+    plain = gradient_weights(NFTLoss(omega="uniform"), ratios, reward=1, r_hat=0.5)
+    assert torch.allclose(plain, (1.0 / ratios).float())
