@@ -195,7 +195,7 @@ def run_nft_lit(setup: Setup, algorithm: str) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from nft_lit.datamodule import RolloutDataModule
+    from nft_lit.datamodule import ROLLOUT_TRAINER_SETTINGS, RolloutDataModule
     from nft_lit.module import PolicyModule
     from nft_lit.rollout import HFGenerateEngine, SamplingParams
 
@@ -244,9 +244,7 @@ def run_nft_lit(setup: Setup, algorithm: str) -> dict[str, Any]:
         devices=1,
         precision="32-true",
         max_epochs=setup.iterations,
-        reload_dataloaders_every_n_epochs=1,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
+        **ROLLOUT_TRAINER_SETTINGS,
         limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,

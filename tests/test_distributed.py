@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 sys.path.insert(0, sys.argv[3])
 from _rollout_fakes import make_datamodule
+from nft_lit.datamodule import ROLLOUT_TRAINER_SETTINGS
 from nft_lit.losses import NFTLoss
 from nft_lit.models import ModelSpec
 from nft_lit.module import PolicyModule
@@ -45,9 +46,8 @@ if world > 1:
                                      save_distributed_checkpoint=False, process_group_backend="gloo")
 rec = Recorder()
 trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_epochs=3,
-                     reload_dataloaders_every_n_epochs=1, use_distributed_sampler=False, num_sanity_val_steps=0,
-                     limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, callbacks=[rec])
+                     **ROLLOUT_TRAINER_SETTINGS, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=[rec])
 trainer.fit(module, dm)
 if trainer.global_rank == 0:
     sharded = any(type(p).__name__ == "DTensor" for p in module.model.parameters())

@@ -3,6 +3,7 @@ import pytest
 import torch
 from _rollout_fakes import make_datamodule
 
+from nft_lit.datamodule import ROLLOUT_TRAINER_SETTINGS
 from nft_lit.losses import GRPOLoss, InfoNCALoss, NFTLoss
 from nft_lit.models import tiny_causal_lm
 from nft_lit.module import PolicyModule, response_logprobs_and_entropy
@@ -27,9 +28,7 @@ def _fit(loss, iterations=1, **dm_kwargs):
     dm = make_datamodule(**dm_kwargs)
     trainer = pl.Trainer(
         max_epochs=iterations,
-        reload_dataloaders_every_n_epochs=1,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
+        **ROLLOUT_TRAINER_SETTINGS,
         limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,
@@ -140,3 +139,18 @@ def test_kl_penalty_uses_a_frozen_reference_copy():
     assert any(not torch.equal(p, init[n]) for n, p in module.model.state_dict().items())
     # GRPOLoss.validate_batch refuses kl_coef > 0 without ref_logprobs: the steps ran, so they were given
     assert trainer.global_step == 2
+
+
+def test_rollout_loop_refuses_a_trainer_that_keeps_its_first_loader():
+    """Without reloading every epoch the loop would train on the first iteration's rollouts forever."""
+    module = PolicyModule(_model(), NFTLoss(), lr=1e-2, warmup_steps=0)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        **{**ROLLOUT_TRAINER_SETTINGS, "reload_dataloaders_every_n_epochs": 0},
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
+        trainer.fit(module, make_datamodule())

@@ -349,7 +349,7 @@ def lightning_cli_command(argv: list[str]) -> int:
     """LightningCLI over PolicyModule / RolloutDataModule (their typed constructors are the schema)."""
     from lightning.pytorch.cli import LightningCLI
 
-    from nft_lit.datamodule import RolloutDataModule
+    from nft_lit.datamodule import ROLLOUT_TRAINER_SETTINGS, RolloutDataModule
     from nft_lit.module import PolicyModule
 
     LightningCLI(
@@ -357,12 +357,7 @@ def lightning_cli_command(argv: list[str]) -> int:
         RolloutDataModule,
         args=argv,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "reload_dataloaders_every_n_epochs": 1,
-            "use_distributed_sampler": False,
-            "num_sanity_val_steps": 0,
-            "log_every_n_steps": 1,
-        },
+        trainer_defaults={**ROLLOUT_TRAINER_SETTINGS, "log_every_n_steps": 1},
     )
     return 0
 

@@ -35,6 +35,16 @@ from nft_lit.rollout import RolloutBatch, RolloutEngine, SamplingParams, check_l
 log = logging.getLogger(__name__)
 
 
+# Trainer settings this loop depends on: a new train loader, i.e. a new rollout iteration, every epoch;
+# rank-local rollouts (a distributed sampler would split them again); no sanity validation before the first
+# rollout. configs/trainer/*.yaml and the LightningCLI entry set them; setup() checks the first.
+ROLLOUT_TRAINER_SETTINGS: dict[str, Any] = {
+    "reload_dataloaders_every_n_epochs": 1,
+    "use_distributed_sampler": False,
+    "num_sanity_val_steps": 0,
+}
+
+
 @dataclass
 class MicroBatch:
     """Sequences of one forward/backward pass: left-padded prompt then right-padded response.
@@ -282,6 +292,11 @@ class RolloutDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ set-up and state
     def setup(self, stage: str | None = None) -> None:
+        if stage == "fit" and self._has_trainer() and self.trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError(
+                f"trainer.reload_dataloaders_every_n_epochs={self.trainer.reload_dataloaders_every_n_epochs}:"
+                " it must be 1, since every epoch is a new rollout iteration (generated in train_dataloader)"
+            )
         _, world = _world()
         per_round = self.gen_prompts_per_round if self.dynamic_sampling else self.prompts_per_step
         option = "data.gen_prompts_per_round" if self.dynamic_sampling else "data.prompts_per_step"
