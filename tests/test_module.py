@@ -154,3 +154,13 @@ def test_rollout_loop_refuses_a_trainer_that_keeps_its_first_loader():
     )
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs"):
         trainer.fit(module, make_datamodule())
+
+
+def test_logged_loss_parts_add_up_to_the_step_loss():
+    """Positive/negative parts are shares of the step loss: summed over micro-batches, not averaged."""
+    # two optimizer steps: the last one is off-policy, so its loss (0 on-policy for NFT) and parts are non-zero
+    _, trainer = _fit(NFTLoss(), micro_batch_size=2, num_mini_batches=2, dynamic_sampling=True)
+    m = trainer.callback_metrics
+    assert float(m["train/loss/positive"]) != 0.0 and float(m["train/loss/negative"]) != 0.0
+    parts = float(m["train/loss/positive"]) + float(m["train/loss/negative"])
+    assert parts == pytest.approx(float(m["train/loss"]), rel=1e-5, abs=1e-8)

@@ -287,7 +287,9 @@ class PolicyModule(pl.LightningModule):
             "train/lr": torch.tensor(scheduler.get_last_lr()[0]),
         }
         for k, v in metric_sums.items():
-            logs[f"train/{k}"] = v / metric_counts[k]
+            # loss parts are shares of the step loss (already step-normalised): they add up over micro-batches;
+            # ratio and clip statistics are per-micro-batch values: they are averaged
+            logs[f"train/{k}"] = v if k.startswith("loss/") else v / metric_counts[k]
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
         self.log("loss", totals[0], prog_bar=True, on_step=True, on_epoch=False)
         return totals[0]
