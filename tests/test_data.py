@@ -6,23 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from _data_marks import needs_data
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from nft_lit.data import Problem, ProblemSet, load_problems, resolve_data_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
-
-
-def _has_data() -> bool:
-    try:
-        resolve_data_dir(None)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-needs_data = pytest.mark.skipif(not _has_data(), reason="no data directory (set NFT_DATA_DIR)")
 
 
 @needs_data

@@ -239,16 +239,8 @@ def test_infonca_with_two_answers_equals_dpo():
 
 def test_infonca_refuses_incomplete_groups():
     new, batch = random_step(k=4)
-    half = slice(0, 6)  # cuts the second group in two
-    part = LossBatch(
-        old_logprobs=batch.old_logprobs[half],
-        response_mask=batch.response_mask[half],
-        rewards=batch.rewards[half],
-        group_ids=batch.group_ids[half],
-        group_mean=batch.group_mean[half],
-        group_std=batch.group_std[half],
-        group_size=batch.group_size[half],
-    )
+    half = torch.arange(6)  # cuts the second group in two
+    part = _sub_batch(batch, half)
     with pytest.raises(ValueError, match="whole groups"):
         InfoNCALoss()(new[half], part)
 

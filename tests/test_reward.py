@@ -7,8 +7,9 @@ import re
 import time
 
 import pytest
+from _data_marks import needs_data
 
-from nft_lit.data import DATASETS, load_problems, resolve_data_dir
+from nft_lit.data import DATASETS, load_problems
 from nft_lit.reward import (
     ExactMatchVerifier,
     MathVerifier,
@@ -17,17 +18,6 @@ from nft_lit.reward import (
     overlong_penalty,
     verify_command,
 )
-
-
-def _has_data() -> bool:
-    try:
-        resolve_data_dir(None)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-needs_data = pytest.mark.skipif(not _has_data(), reason="no data directory (set NFT_DATA_DIR)")
 
 
 @pytest.fixture(scope="module")
