@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -40,6 +41,7 @@ class FakeEngine:
     vocab: list[int]
     eos: int
     syncs: int = 0
+    copies_weights: ClassVar[bool] = False
     seeds: list[int | None] = field(default_factory=list)
 
     def sync_weights(self, model: object) -> dict[str, float]:

@@ -115,3 +115,82 @@ def test_nft_lit_fit_with_cpu_fsdp2_trainer_config(tmp_path):
     assert (run / "checkpoints" / "last.ckpt").exists()
     header = (run / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "rollout/pass_rate" in header and "val/heldout/avg@1" in header
+
+
+FSDP1_SCRIPT = r"""
+import copy, json, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from nft_lit.models import tiny_causal_lm
+from nft_lit.module import decoder_layer_classes
+from nft_lit.rollout import HFGenerateEngine, SamplingParams, _full_state_dict, _is_sharded, gathered_weights
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+reference = tiny_causal_lm("llama", vocab_size=14, hidden_size=64, num_heads=2, seed=3)
+
+
+class Root(torch.nn.Module):  # stands in for the LightningModule that Lightning's FSDPStrategy wraps
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+holder = Root(copy.deepcopy(reference))
+root = FullyShardedDataParallel(holder, auto_wrap_policy=ModuleWrapPolicy(decoder_layer_classes(reference)),
+                                use_orig_params=True, device_id=torch.device("cpu"))
+inner = holder.model
+prompts = [[2, 3, 4], [5, 6]] if rank == 0 else [[7, 8, 9, 10], [11]]  # rank-dependent answers and lengths
+sampling = SamplingParams(temperature=1.0, max_new_tokens=6, seed=11 + rank)
+
+
+def rollout(model, context):
+    engine = HFGenerateEngine(eos_token_id=1)
+    with context:
+        engine.sync_weights(model)
+        batch = engine.generate(prompts, 3, sampling)
+    return batch.response_ids, batch.logprobs
+
+
+sharded_outside = inner.get_input_embeddings().weight.dim() == 1
+with gathered_weights(root):
+    gathered_inside = inner.get_input_embeddings().weight.dim() == 2
+ids, lps = rollout(inner, gathered_weights(root))
+ref_ids, ref_lps = rollout(reference, gathered_weights(None))
+with gathered_weights(root, every_unit=True):
+    state = {k: v.clone() for k, v in _full_state_dict(inner)}
+ref_state = dict(_full_state_dict(reference))
+result = {
+    "sharded_outside": sharded_outside,
+    "gathered_inside": gathered_inside,
+    "is_sharded": _is_sharded(inner),
+    "same_ids": ids == ref_ids,
+    "logprob_diff": max(abs(a - b) for x, y in zip(lps, ref_lps) for a, b in zip(x, y)),
+    "same_keys": sorted(state) == sorted(ref_state),
+    "state_diff": max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state),
+    "lengths": sorted({len(r) for r in ids}),
+}
+json.dump(result, open(sys.argv[1] + f".{rank}", "w"))
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp1_rollouts_and_weight_copy_equal_the_unsharded_model(tmp_path):
+    """FSDP1 (what Lightning's FSDPStrategy builds, here on CPU/gloo): generating needs the root unit's
+    parameters gathered (they are flat shards outside its forward), a weight copy needs every unit's."""
+    script = tmp_path / "fsdp1.py"
+    script.write_text(FSDP1_SCRIPT)
+    out = tmp_path / "fsdp1.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads(Path(f"{out}.{rank}").read_text())
+        assert result["sharded_outside"] and result["gathered_inside"] and result["is_sharded"], result
+        assert result["same_ids"] and result["logprob_diff"] < 1e-5, result
+        assert result["same_keys"] and result["state_diff"] == 0.0, result
+        assert len(result["lengths"]) > 1, result  # answers end at different steps: synced_gpus kept ranks in step
