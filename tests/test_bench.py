@@ -99,7 +99,8 @@ def check_verify(data: dict) -> None:
 
 
 def check_gpu_smoke(data: dict) -> None:
-    assert [(r["attention"], r["checkpointing"]) for r in data["train_step"]][:2] == [("sdpa", False), ("sdpa", True)]
+    rows = [(r["attention"], r["micro_batch"], r["checkpointing"]) for r in data["train_step"]]
+    assert rows == [("sdpa", 2, False), ("sdpa", 2, True)]
     assert all(positive(r["tokens_per_s"]) and r["mfu"] is None for r in data["train_step"])  # no peak FLOP/s on CPU
     assert len(data["losses"]) == 6 and all(positive(r["mtok_per_s"]) for r in data["losses"])
     g = data["generation"]

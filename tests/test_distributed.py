@@ -21,14 +21,23 @@ from _rollout_fakes import make_datamodule
 from nft_lit.datamodule import ROLLOUT_TRAINER_SETTINGS
 from nft_lit.losses import NFTLoss
 from nft_lit.models import ModelSpec
-from nft_lit.module import PolicyModule
+from nft_lit.module import PolicyModule, fsdp_strategy
+from nft_lit.rollout import _full_state_dict, gathered_weights
 
-world, out = int(sys.argv[1]), sys.argv[2]
+world, out, accelerator, strategy_name, precision = int(sys.argv[1]), sys.argv[2], *sys.argv[4:7]
+
+
+def full_weights(trainer, module):  # a collective under FSDP: every rank calls it
+    with gathered_weights(trainer.strategy.model, every_unit=True):
+        return {k: v.detach().float().cpu().clone() for k, v in _full_state_dict(module.model)}
 
 
 class Recorder(pl.Callback):
     def __init__(self):
         self.losses = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.initial = full_weights(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if outputs is not None:
@@ -39,34 +48,44 @@ spec = ModelSpec(tokenizer="char:0123456789+=", config=dict(hidden_size=64, num_
                  intermediate_size=64, seed=5))
 module = PolicyModule(spec, NFTLoss(), lr=1e-2, warmup_steps=0, grad_clip=1.0)
 dm = make_datamodule(prompts_per_step=4, gen_prompts_per_round=8, num_mini_batches=2, micro_batch_size=3)
-strategy = "auto"
-if world > 1:
+if strategy_name == "fsdp2":  # FSDP2: fully_shard in PolicyModule.configure_model
     from lightning.pytorch.strategies import ModelParallelStrategy
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=False, process_group_backend="gloo")
+                                     save_distributed_checkpoint=False,
+                                     process_group_backend="gloo" if accelerator == "cpu" else None)
+elif strategy_name == "fsdp1":  # Lightning's FSDPStrategy (GPU only)
+    strategy = fsdp_strategy("transformers.models.llama.modeling_llama.LlamaDecoderLayer")
+else:
+    strategy = strategy_name
 rec = Recorder()
-trainer = pl.Trainer(accelerator="cpu", devices=world, strategy=strategy, max_epochs=3,
+trainer = pl.Trainer(accelerator=accelerator, devices=world, strategy=strategy, precision=precision, max_epochs=3,
                      **ROLLOUT_TRAINER_SETTINGS, limit_val_batches=0, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=[rec])
 trainer.fit(module, dm)
+final, initial = full_weights(trainer, module), rec.initial
 if trainer.global_rank == 0:
-    sharded = any(type(p).__name__ == "DTensor" for p in module.model.parameters())
-    json.dump({"losses": rec.losses, "steps": trainer.global_step, "sharded": sharded}, open(out, "w"))
+    json.dump({
+        "losses": rec.losses,
+        "steps": trainer.global_step,
+        "sharded": any(type(p).__name__ == "DTensor" for p in module.model.parameters()),
+        "dtypes": sorted({str(p.dtype) for p in module.model.parameters()}),
+        "changed": sum(not torch.equal(final[k], initial[k]) for k in initial) / len(initial),
+    }, open(out, "w"))
 """
 
 
-def _run(tmp_path: Path, world: int) -> dict:
+def run_fit_script(
+    tmp_path: Path, world: int, accelerator: str = "cpu", strategy: str | None = None, precision: str = "32-true"
+) -> dict:
+    """Three NFT iterations on fake rollouts; `strategy` auto / fsdp1 / fsdp2 (default: fsdp2 on several ranks)."""
+    strategy = strategy or ("fsdp2" if world > 1 else "auto")
     script = tmp_path / "dist_fit.py"
     script.write_text(SCRIPT)
-    out = tmp_path / f"world{world}.json"
+    out = tmp_path / f"{accelerator}_{strategy}_{precision}_world{world}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(world), str(out), str(Path(__file__).parent), accelerator, strategy, precision]
     proc = subprocess.run(
-        [sys.executable, str(script), str(world), str(out), str(Path(__file__).parent)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        cwd=tmp_path,
+        [sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
@@ -75,9 +94,10 @@ def _run(tmp_path: Path, world: int) -> dict:
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one_process(tmp_path):
-    one = _run(tmp_path, 1)
-    two = _run(tmp_path, 2)
+    one = run_fit_script(tmp_path, 1)
+    two = run_fit_script(tmp_path, 2)
     assert two["sharded"] and not one["sharded"]
+    assert one["changed"] == two["changed"] == 1.0
     assert one["steps"] == two["steps"] == 6
     assert len(one["losses"]) == len(two["losses"]) == 6
     assert any(abs(x) > 1e-6 for x in one["losses"][1:])

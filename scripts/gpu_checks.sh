@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every GPU check in one go (about 6 min on an H200): bench/gpu_check.py (bf16 step MFU, loss kernels, HF
+# generation), then the `gpu` tests (FSDP1/FSDP2/bf16 fits on one device). Logs and JSON go to OUT_DIR.
+#
+#   bash scripts/gpu_checks.sh [OUT_DIR]      # default bench/results
+#
+# It runs under the machine's own python3, which must hold torch (CUDA), lightning, transformers,
+# torchmetrics, tensorboard and pytest. Pure-Python packages that machine lacks (hydra-core, omegaconf,
+# antlr4 4.9.3, math-verify, jsonargparse) can come as wheels in .whl/ (docs/PERFORMANCE.md says how):
+# they are installed into a private folder, nothing else is touched.
+set -uo pipefail
+out=${1:-${OUT:-bench/results}}
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/nft_lit_site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/nft_lit_site
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu_env.txt"
+python3 -c "import sys, torch, lightning, transformers; print('python', sys.version.split()[0], 'torch', \
+torch.__version__, 'lightning', lightning.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu_env.txt"
+status=0
+timeout 270 python3 bench/gpu_check.py --out "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log" || status=1
+timeout 290 python3 -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider --junitxml="$out/gpu_tests.xml" \
+    2>&1 | tee "$out/gpu_tests.log" || status=1
+exit $status
