@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 
@@ -41,7 +40,6 @@ class FakeEngine:
     vocab: list[int]
     eos: int
     syncs: int = 0
-    copies_weights: ClassVar[bool] = False
     seeds: list[int | None] = field(default_factory=list)
 
     def sync_weights(self, model: object) -> dict[str, float]:

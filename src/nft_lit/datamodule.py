@@ -30,14 +30,7 @@ from nft_lit.data import Problem, ProblemSet
 from nft_lit.losses import LossBatch, group_stats
 from nft_lit.prompts import PromptTemplate
 from nft_lit.reward import Verifier, overlong_penalty
-from nft_lit.rollout import (
-    RolloutBatch,
-    RolloutEngine,
-    SamplingParams,
-    check_logprob_gap,
-    gathered_weights,
-    logprob_gap,
-)
+from nft_lit.rollout import RolloutBatch, RolloutEngine, SamplingParams, check_logprob_gap, logprob_gap
 
 log = logging.getLogger(__name__)
 
@@ -585,11 +578,8 @@ class RolloutDataModule(pl.LightningDataModule):
         self.setup("fit")
         assert self.engine is not None
         self._phase("sync")
-        root = self.trainer.strategy.model
-        with gathered_weights(root, every_unit=self.engine.copies_weights):
-            sync_stats = self.engine.sync_weights(model.model)
-        with gathered_weights(root):
-            groups, stats = self.collect()
+        sync_stats = self.engine.sync_weights(model.model)
+        groups, stats = self.collect()
         stats.update({f"sync_{k}": float(v) for k, v in (sync_stats or {}).items()})
         if groups:
             steps = self.build_steps(groups)
@@ -604,8 +594,7 @@ class RolloutDataModule(pl.LightningDataModule):
         was_training = model.training
         model.eval()
         try:
-            with gathered_weights(root):
-                stats.update(self.fill_old_logprobs(steps, model.response_logprobs, model.device))
+            stats.update(self.fill_old_logprobs(steps, model.response_logprobs, model.device))
         finally:
             model.train(was_training)
         stats["optimizer_steps"] = float(len(steps))

@@ -25,7 +25,7 @@ from nft_lit.data import Problem
 from nft_lit.datamodule import encode_prompt, shard_batches
 from nft_lit.prompts import PromptTemplate
 from nft_lit.reward import Verifier
-from nft_lit.rollout import RolloutEngine, SamplingParams, gathered_weights
+from nft_lit.rollout import RolloutEngine, SamplingParams
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -229,19 +229,16 @@ class HeldOutEvaluation(pl.Callback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
         dm.setup("fit")
-        root = trainer.strategy.model
-        with gathered_weights(root, every_unit=dm.engine.copies_weights):
-            dm.engine.sync_weights(pl_module.model)
-        with gathered_weights(root):
-            results = evaluate_benchmarks(
-                self.benchmarks,
-                dm.engine,
-                dm.tokenizer,
-                dm.prompt_template,
-                dm.verifier,
-                self.sampling,
-                self.batch_prompts,
-            )
+        dm.engine.sync_weights(pl_module.model)
+        results = evaluate_benchmarks(
+            self.benchmarks,
+            dm.engine,
+            dm.tokenizer,
+            dm.prompt_template,
+            dm.verifier,
+            self.sampling,
+            self.batch_prompts,
+        )
         self.history.append({"step": float(trainer.global_step), **results})
         # Straight to the loggers at the current global step rather than through self.log(on_epoch=True):
         # Lightning would average the at-start evaluation with the end of iteration 0 into one point, and

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from nft_lit.datamodule import MicroBatch, StepBatch
 from nft_lit.losses import PolicyLoss
 from nft_lit.models import ModelSpec, load_model
-from nft_lit.rollout import gathered_weights
 
 
 def response_logprobs_and_entropy(
@@ -301,9 +300,7 @@ class PolicyModule(pl.LightningModule):
 
         dm = self.trainer.datamodule
         dm.setup("validate")
-        # validation_step itself runs inside the strategy's forward, where FSDP1's root is gathered
-        with gathered_weights(self.trainer.strategy.model, every_unit=dm.engine.copies_weights):
-            dm.engine.sync_weights(self.model)
+        dm.engine.sync_weights(self.model)
         k = dm.val_num_samples
         # A plain dict: metrics stay out of the module's state_dict and checkpoints.
         self._val_metrics = {f"avg@{k}": AvgAtK(), **({f"pass@{k}": PassAtK(k)} if k > 1 else {})}

@@ -18,7 +18,6 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -94,10 +93,6 @@ class RolloutBatch:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    # True when `sync_weights` reads every weight (a copy into another engine), False when it only keeps a
-    # reference to the live model: under FSDP1 the first needs all units gathered, the second only the root.
-    copies_weights: bool
-
     def sync_weights(self, model: nn.Module) -> dict[str, float]:
         """Make the engine sample from `model`'s current weights; returns timing/size metrics."""
         ...
@@ -137,35 +132,9 @@ def _as_id_set(eos_token_id: int | Sequence[int] | None, what: str) -> set[int]:
 
 
 def _is_sharded(model: nn.Module) -> bool:
-    """FSDP2 (DTensor parameters) or FSDP1 (nested `FullyShardedDataParallel` units): every forward gathers
-    parameters collectively, so all ranks must run the same number of forwards."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters()) or any(
-        isinstance(m, FullyShardedDataParallel) for m in model.modules()
-    )
-
-
-@contextmanager
-def gathered_weights(root: nn.Module | None, every_unit: bool = False) -> Iterator[None]:
-    """Lets rollouts use an FSDP1-sharded model outside the training forward.
-
-    Lightning's `FSDPStrategy` makes the LightningModule the root FSDP unit (`root` = `strategy.model`): the
-    root's own parameters (embeddings, final norm) stay sharded outside its forward, while each nested
-    decoder-layer unit gathers its parameters in its own forward. Generating or scoring with the inner model
-    therefore needs the root's parameters summoned, not recursively (the pattern accelerate documents for
-    `generate` under FSDP1); copying the weights into another engine needs every unit's (`every_unit`).
-    Nothing is written back. For any other `root` (FSDP2, whose DTensors `full_tensor()` gathers; DDP; one
-    device; None) this does nothing. Every rank must enter it: summoning is a collective.
-    """
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if isinstance(root, FullyShardedDataParallel):
-        with FullyShardedDataParallel.summon_full_params(root, recurse=every_unit, writeback=False):
-            yield
-    else:
-        yield
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 class HFGenerateEngine:
@@ -176,15 +145,12 @@ class HFGenerateEngine:
     Log-probs come from the raw logits `generate` returns for every step (`output_logits=True`), divided
     by the temperature, so they are exactly the distribution the token was drawn from before top-p/top-k.
 
-    With a seed, sampling is deterministic and leaves the global RNG state untouched. Works on a sharded
-    model (FSDP2 `fully_shard`, or FSDP1 inside `gathered_weights`): every rank must call `generate` with
-    the same number of prompts, and ranks keep stepping until all are done (`synced_gpus`) because each
-    step all-gathers parameters.
+    With a seed, sampling is deterministic and leaves the global RNG state untouched. Works on an
+    FSDP2-sharded model (`fully_shard`): every rank must call `generate` with the same number of prompts,
+    and ranks keep stepping until all are done (`synced_gpus`) because each step all-gathers parameters.
 
     `batch_size` bounds the number of sequences per `generate` call (memory: batch × steps × vocab logits).
     """
-
-    copies_weights = False
 
     def __init__(
         self,
@@ -334,10 +300,9 @@ def _import_vllm() -> Any:
 class VLLMEngine:
     """A colocated `vllm.LLM` (same process as training) that samples from synced trained weights.
 
-    `sync_weights(model)` streams the full state dict (FSDP2 shards gathered by `full_tensor()`, FSDP1 ones
-    by `gathered_weights(every_unit=True)` around the call; tied `lm_head.weight` included) into the engine
-    via `collective_rpc("reload_weights")`, then resets the prefix cache so no KV block computed with old
-    weights is reused. With `enable_sleep_mode` the engine sleeps after each
+    `sync_weights(model)` streams the full state dict (FSDP2 shards gathered, tied `lm_head.weight`
+    included) into the engine via `collective_rpc("reload_weights")`, then resets the prefix cache so no
+    KV block computed with old weights is reused. With `enable_sleep_mode` the engine sleeps after each
     `generate` (frees GPU memory for training) and wakes on the next sync; platforms without sleep mode
     (CPU) make this a logged no-op. The engine returns `processed_logprobs` (after temperature), which is
     the project convention when no top-p/top-k truncation is active; with truncation vLLM only offers the
@@ -348,8 +313,6 @@ class VLLMEngine:
     One engine per rank: pass `distributed_executor_backend="external_launcher"` with
     `tensor_parallel_size` = ranks sharing one engine; on a single process leave it None.
     """
-
-    copies_weights = True
 
     def __init__(
         self,
