@@ -3,6 +3,7 @@
     .venv/bin/python bench/gpu_check.py               # Qwen2.5-0.5B-shaped random-init model, 2k context
     .venv/bin/python bench/gpu_check.py --quick       # 4 layers, 512 context: a fast look on the GPU
     .venv/bin/python bench/gpu_check.py --cpu-smoke   # tiny model on CPU: checks the harness (no numbers)
+    .venv/bin/python bench/gpu_check.py --compile     # training step through torch.compile (adds compile time)
 
 Without a CUDA GPU (and without --cpu-smoke) it prints why and exits 0 without measuring anything.
 
@@ -12,9 +13,10 @@ Without a CUDA GPU (and without --cpu-smoke) it prints why and exits 0 without m
    the NFT loss, backward, grad-norm clip and fused AdamW, all in bf16 weights (configs/trainer/gpu.yaml:
    bf16-true). Variants: SDPA and FlashAttention-2 (when ``flash_attn`` is installed), activation
    checkpointing off / on. MFU = model FLOPs / step time / peak dense bf16 FLOP/s of the card, with model
-   FLOPs = 6·N·tokens + 12·L·d·T·tokens (PaLM appendix B: weights fwd+bwd plus attention scores, no
-   causal halving; N counts every parameter once, so the tied LM head's matmul is included and
-   recomputation under checkpointing is not). Goal from the issue: MFU >= 40%. A variant that runs out
+   FLOPs = (6·(N − V·d) + 12·L·d·T)·tokens + 6·V·d·(output columns) (PaLM appendix B: weights fwd+bwd
+   plus attention scores, no causal halving; the tied output layer V·d runs only on the columns that
+   predict response tokens, as the module computes no prompt logits; recomputation under checkpointing
+   is not counted). Goal from the issue: MFU >= 40%. A variant that runs out
    of GPU memory is reported as such and the others go on. The card's achieved bf16 matmul rate
    (8192^3) is measured too, so MFU can be read against both the data sheet and what the card delivers.
 2. Loss kernels: every algorithm's loss forward+backward at B=512 answers x T=4096 tokens
@@ -110,10 +112,14 @@ def build_model(shape: Shape, device: torch.device) -> Any:
     return model
 
 
-def model_flops_per_token(model: Any, shape: Shape) -> float:
-    """6·N + 12·L·d·T (PaLM): the work a training step needs per token, without recomputation."""
+def step_model_flops(model: Any, shape: Shape, micro_batch: int) -> float:
+    """The work one training step needs, without recomputation (PaLM appendix B, see the module docstring)."""
     n_params = sum(p.numel() for p in model.parameters())
-    return 6.0 * n_params + 12.0 * shape.layers * shape.hidden * shape.seq
+    output_layer = shape.vocab * shape.hidden  # tied: counted once in n_params
+    tokens = micro_batch * shape.seq
+    output_columns = micro_batch * (shape.seq - shape.prompt + 1)
+    per_token = 6.0 * (n_params - output_layer) + 12.0 * shape.layers * shape.hidden * shape.seq
+    return per_token * tokens + 6.0 * output_layer * output_columns
 
 
 def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
@@ -145,7 +151,7 @@ def train_batch(
 
 
 def bench_train_step(
-    model: Any, shape: Shape, device: torch.device, attn: str, checkpointing: bool, micro_batch: int
+    model: Any, shape: Shape, device: torch.device, attn: str, checkpointing: bool, micro_batch: int, compile: bool
 ) -> dict:
     model.set_attn_implementation(attn)
     if checkpointing:
@@ -153,6 +159,8 @@ def bench_train_step(
     else:
         model.gradient_checkpointing_disable()
     model.train()
+    # Compiled: the model and the float32 log-softmax/entropy tail (a vocab-sized memory-bound pass) together.
+    logprobs_fn = torch.compile(response_logprobs_and_entropy) if compile else response_logprobs_and_entropy
     loss_fn = NFTLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.1, fused=device.type == "cuda")
     ids, attention, batch = train_batch(shape, micro_batch, device, model)
@@ -163,7 +171,7 @@ def bench_train_step(
         sync(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        logprobs, _ = response_logprobs_and_entropy(model, ids, attention, shape.prompt, 1.0)
+        logprobs, _ = logprobs_fn(model, ids, attention, shape.prompt, 1.0)
         loss_fn(logprobs, batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -176,11 +184,12 @@ def bench_train_step(
     tokens = micro_batch * shape.seq
     return {
         "attention": attn,
+        "compiled": compile,
         "checkpointing": checkpointing,
         "micro_batch": micro_batch,
         "step_seconds": seconds,
         "tokens_per_s": tokens / seconds,
-        "model_tflops_per_s": model_flops_per_token(model, shape) * tokens / seconds / 1e12,
+        "model_tflops_per_s": step_model_flops(model, shape, micro_batch) / seconds / 1e12,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
@@ -240,6 +249,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 layers, 512 context (GPU)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU: harness check only")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step's forward")
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=None, help="override (default 4 8 16)")
+    parser.add_argument(
+        "--checkpointing", choices=["off", "on", "both"], default="both", help="activation checkpointing variants"
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s of the card")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/gpu_check.json)")
     args = parser.parse_args()
@@ -256,6 +270,11 @@ def main() -> int:
         return 0
     else:
         device, shape = torch.device("cuda", 0), QUICK if args.quick else Shape()
+    if args.micro_batches:
+        if any(m < 2 or m % 2 for m in args.micro_batches):
+            parser.error(f"--micro-batches: each must be even and >= 2 (groups of 2 answers), got {args.micro_batches}")
+        shape = dataclasses.replace(shape, micro_batches=tuple(args.micro_batches))
+    checkpointing_variants = {"off": (False,), "on": (True,), "both": (False, True)}[args.checkpointing]
     out = args.out or Path(
         "bench/results/gpu_check_cpu_smoke.json" if args.cpu_smoke else "bench/results/gpu_check.json"
     )
@@ -274,14 +293,15 @@ def main() -> int:
     train_rows = []
     for attn in attentions:
         for micro_batch in shape.micro_batches:
-            for checkpointing in (False, True):
+            for checkpointing in checkpointing_variants:
                 try:
-                    row = bench_train_step(model, shape, device, attn, checkpointing, micro_batch)
+                    row = bench_train_step(model, shape, device, attn, checkpointing, micro_batch, args.compile)
                 except torch.OutOfMemoryError:
                     # One variant too big for this card must not lose the others' numbers.
                     model.zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
-                    row = {"attention": attn, "checkpointing": checkpointing, "micro_batch": micro_batch}
+                    row = {"attention": attn, "compiled": args.compile, "checkpointing": checkpointing}
+                    row["micro_batch"] = micro_batch
                     row["error"] = "out of memory"
                 else:
                     row["mfu"] = row["model_tflops_per_s"] * 1e12 / peak if peak else None
@@ -299,6 +319,7 @@ def main() -> int:
         [r for r in train_rows if "error" not in r],
         [
             ("attention", "attention", ""),
+            ("compiled", "compiled", ""),
             ("micro_batch", "micro-batch", ""),
             ("checkpointing", "ckpt", ""),
             ("step_seconds", "step s", ".3f"),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check in one go (about 6 min on an H200): bench/gpu_check.py (bf16 step MFU, loss kernels, HF
-# generation), then the `gpu` tests (FSDP1/FSDP2/bf16 fits on one device). Logs and JSON go to OUT_DIR.
+# Every GPU check in one go (about 6 min on an H200): the `gpu` tests (FSDP2/bf16 fits on one device over
+# NCCL), bench/gpu_check.py (bf16 step MFU, loss kernels, HF generation), then its torch.compile variant.
+# Logs and JSON go to OUT_DIR; STAGES picks a subset (default "tests bench compile").
 #
 #   bash scripts/gpu_checks.sh [OUT_DIR]      # default bench/results
 #
@@ -21,7 +22,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import sys, torch, lightning, transformers; print('python', sys.version.split()[0], 'torch', \
 torch.__version__, 'lightning', lightning.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu_env.txt"
 status=0
-timeout 270 python3 bench/gpu_check.py --out "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log" || status=1
-timeout 290 python3 -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider --junitxml="$out/gpu_tests.xml" \
-    2>&1 | tee "$out/gpu_tests.log" || status=1
+for stage in ${STAGES:-tests bench compile}; do
+    case $stage in
+    tests) timeout 220 python3 -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider \
+        --junitxml="$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || status=1 ;;
+    bench) timeout 120 python3 bench/gpu_check.py --out "$out/gpu_check.json" 2>&1 | tee "$out/gpu_check.log" \
+        || status=1 ;;
+    compile) timeout 150 python3 bench/gpu_check.py --compile --micro-batches 8 --checkpointing off \
+        --out "$out/gpu_check_compile.json" 2>&1 | tee "$out/gpu_check_compile.log" || status=1 ;;
+    *) echo "scripts/gpu_checks.sh: unknown stage '$stage' in STAGES (expected tests, bench, compile)" >&2; exit 2 ;;
+    esac
+done
 exit $status

@@ -21,15 +21,14 @@ from _rollout_fakes import make_datamodule
 from nft_lit.datamodule import ROLLOUT_TRAINER_SETTINGS
 from nft_lit.losses import NFTLoss
 from nft_lit.models import ModelSpec
-from nft_lit.module import PolicyModule, fsdp_strategy
-from nft_lit.rollout import _full_state_dict, gathered_weights
+from nft_lit.module import PolicyModule
+from nft_lit.rollout import _full_state_dict
 
 world, out, accelerator, strategy_name, precision = int(sys.argv[1]), sys.argv[2], *sys.argv[4:7]
 
 
-def full_weights(trainer, module):  # a collective under FSDP: every rank calls it
-    with gathered_weights(trainer.strategy.model, every_unit=True):
-        return {k: v.detach().float().cpu().clone() for k, v in _full_state_dict(module.model)}
+def full_weights(module):  # a collective under FSDP2 (full_tensor): every rank calls it
+    return {k: v.detach().float().cpu().clone() for k, v in _full_state_dict(module.model)}
 
 
 class Recorder(pl.Callback):
@@ -37,7 +36,7 @@ class Recorder(pl.Callback):
         self.losses = []
 
     def on_train_start(self, trainer, pl_module):
-        self.initial = full_weights(trainer, pl_module)
+        self.initial = full_weights(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if outputs is not None:
@@ -53,8 +52,6 @@ if strategy_name == "fsdp2":  # FSDP2: fully_shard in PolicyModule.configure_mod
     strategy = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
                                      save_distributed_checkpoint=False,
                                      process_group_backend="gloo" if accelerator == "cpu" else None)
-elif strategy_name == "fsdp1":  # Lightning's FSDPStrategy (GPU only)
-    strategy = fsdp_strategy("transformers.models.llama.modeling_llama.LlamaDecoderLayer")
 else:
     strategy = strategy_name
 rec = Recorder()
@@ -62,7 +59,7 @@ trainer = pl.Trainer(accelerator=accelerator, devices=world, strategy=strategy, 
                      **ROLLOUT_TRAINER_SETTINGS, limit_val_batches=0, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=[rec])
 trainer.fit(module, dm)
-final, initial = full_weights(trainer, module), rec.initial
+final, initial = full_weights(module), rec.initial
 if trainer.global_rank == 0:
     json.dump({
         "losses": rec.losses,
@@ -77,7 +74,7 @@ if trainer.global_rank == 0:
 def run_fit_script(
     tmp_path: Path, world: int, accelerator: str = "cpu", strategy: str | None = None, precision: str = "32-true"
 ) -> dict:
-    """Three NFT iterations on fake rollouts; `strategy` auto / fsdp1 / fsdp2 (default: fsdp2 on several ranks)."""
+    """Three NFT iterations on fake rollouts; `strategy` auto or fsdp2 (the default on several ranks)."""
     strategy = strategy or ("fsdp2" if world > 1 else "auto")
     script = tmp_path / "dist_fit.py"
     script.write_text(SCRIPT)

@@ -37,6 +37,15 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
 
 
+def metric_device() -> torch.device:
+    """Where metric states must live so that ``Metric.compute()`` can all-gather them: NCCL (any GPU run
+    under a distributed strategy, even on one device) moves only CUDA tensors."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class AvgAtK(Metric):
     """Mean correctness over all samples of all problems (the paper's avg@k with k samples per problem)."""
 
@@ -51,7 +60,7 @@ class AvgAtK(Metric):
         """correct: [P, n] 0/1 of n samples for each of P problems."""
         if correct.dim() != 2:
             raise ValueError(f"AvgAtK.update: correct must be [problems, samples], got {tuple(correct.shape)}")
-        self.total += correct.double().mean(-1).sum()
+        self.total += float(correct.double().mean(-1).sum())
         self.problems += correct.shape[0]
 
     def compute(self) -> Tensor:
@@ -148,8 +157,9 @@ def evaluate_benchmark(
     """
     sampling = benchmark.sampling or default_sampling
     k = benchmark.num_samples
-    avg = AvgAtK()
-    passes = {j: PassAtK(j) for j in benchmark.pass_k}
+    device = metric_device()
+    avg = AvgAtK().to(device)
+    passes = {j: PassAtK(j).to(device) for j in benchmark.pass_k}
     t0 = time.perf_counter()
     tokens = 0
     for chunk, real in shard_batches(benchmark.problems, batch_prompts):

@@ -74,7 +74,7 @@ def tiny_causal_lm(
     eos_token_id: int = CHAR_EOS_ID,
     bos_token_id: int = CHAR_EOS_ID,
 ) -> PreTrainedModel:
-    """Random-init `LlamaForCausalLM` / `Qwen2ForCausalLM` in float32, deterministic in `seed`.
+    """Random-init `LlamaForCausalLM` / `Qwen2ForCausalLM` in float32 on CPU, deterministic in `seed`.
 
     Special-token ids default to the char tokenizer's. vLLM needs head size >= 32 (hidden_size / num_heads).
     """
@@ -116,7 +116,10 @@ def tiny_causal_lm(
     )
     config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     config = config_cls(**common)
-    with torch.random.fork_rng(devices=[]):
+    # Built on CPU whatever device the caller's context sets (Lightning's init context is the GPU for one
+    # device, none for ModelParallelStrategy): CUDA's generator draws other numbers for the same seed, and a
+    # seed must give the same model under every strategy. The caller moves it.
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(seed)
         model = model_cls(config)
     return model.float()

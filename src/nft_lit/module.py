@@ -11,7 +11,6 @@ in float32 (paper Eq. 10 ratios R_t = exp(logπ_θ − logπ_old) are sensitive 
 from __future__ import annotations
 
 import copy
-import importlib
 import time
 from typing import Any
 
@@ -31,11 +30,16 @@ def response_logprobs_and_entropy(
     """Per-token log-probs [B, T] and entropies [B, T] (float32) of the response columns ``prompt_len:``.
 
     Positions come from the attention mask so left-padded prompts see the same positions as in generation.
+    Only the columns that predict response tokens go through the output layer (``logits_to_keep``): the
+    prompt's logits would cost vocab-sized matmuls and memory for nothing.
     """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     # Logits at t predict token t+1: the response tokens are predicted from columns prompt_len-1 .. -2.
-    logits = logits[:, prompt_len - 1 : -1].float() / temperature
+    keep = input_ids.shape[1] - prompt_len + 1
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
+    ).logits
+    logits = logits[:, -keep:-1].float() / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
     targets = input_ids[:, prompt_len:].unsqueeze(-1)
     logprobs = logp_all.gather(-1, targets).squeeze(-1)
@@ -50,34 +54,6 @@ def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
     if not classes:
         raise ValueError(f"{type(model).__name__} declares no decoder layer class (_no_split_modules); cannot shard it")
     return classes
-
-
-def fsdp_strategy(
-    layer_class: str,
-    activation_checkpointing: bool = False,
-    sharding_strategy: str = "FULL_SHARD",
-    state_dict_type: str = "sharded",
-    cpu_offload: bool = False,
-) -> Any:
-    """GPU ``FSDPStrategy`` wrapping each decoder layer (``layer_class`` = import path of its class).
-
-    Built from plain strings so a Hydra config can name it:
-    ``transformers.models.qwen2.modeling_qwen2.Qwen2DecoderLayer``.
-    """
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    module_name, _, class_name = layer_class.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ValueError(f"trainer.strategy.layer_class: cannot import {layer_class!r} ({e})") from e
-    return FSDPStrategy(
-        auto_wrap_policy={cls},
-        activation_checkpointing_policy={cls} if activation_checkpointing else None,
-        sharding_strategy=sharding_strategy,
-        state_dict_type=state_dict_type,
-        cpu_offload=cpu_offload,
-    )
 
 
 class PhaseProgressBar(TQDMProgressBar):
@@ -114,6 +90,13 @@ class PolicyModule(pl.LightningModule):
         temperature: sampling temperature of the rollouts; logits are divided by it (log-prob convention).
         fsdp_reshard_after_forward: FSDP2 (``ModelParallelStrategy``) only: free gathered weights after
             each forward (saves memory, costs a second all-gather in backward).
+        activation_checkpointing: recompute each decoder layer's activations in backward (HF gradient
+            checkpointing, non-reentrant, so it composes with FSDP2): less memory, about a third more compute.
+
+    Sharding is FSDP2 through Lightning's ``ModelParallelStrategy`` (configs/trainer/gpu_fsdp.yaml,
+    cpu_fsdp2.yaml). Lightning's ``FSDPStrategy`` (FSDP1) is refused at start: it runs ``training_step`` inside
+    the root unit's forward, and FSDP1 cannot take the backward passes this module makes there, one per
+    micro-batch (Lightning issues #19626, #19685).
     """
 
     def __init__(
@@ -127,6 +110,7 @@ class PolicyModule(pl.LightningModule):
         grad_clip: float | None = 1.0,
         temperature: float = 1.0,
         fsdp_reshard_after_forward: bool = True,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -149,6 +133,7 @@ class PolicyModule(pl.LightningModule):
         self.grad_clip = grad_clip
         self.temperature = temperature
         self.fsdp_reshard_after_forward = fsdp_reshard_after_forward
+        self.activation_checkpointing = activation_checkpointing
         # The resolved run config (set by `nft-lit fit`), stored in checkpoints for validate/export.
         self.run_config: dict[str, Any] | None = None
         self._epoch_start = 0.0
@@ -163,10 +148,23 @@ class PolicyModule(pl.LightningModule):
             assert self.model is not None
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
 
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "trainer.strategy: Lightning's FSDPStrategy (FSDP1) cannot train PolicyModule: it runs "
+                "training_step inside the root FSDP unit's forward, and the backward passes made there (one per "
+                "micro-batch) fail FSDP1's state checks ('Expects BACKWARD_PRE or BACKWARD_POST state'; "
+                "Lightning issues #19626, #19685). Use FSDP2: trainer=gpu_fsdp (ModelParallelStrategy)."
+            )
+
     def configure_model(self) -> None:
         if self.model is None:
             self.model = load_model(self._model_source)  # type: ignore[arg-type]
             self._make_reference()
+        if self.activation_checkpointing and not self.model.is_gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None and not getattr(self, "_fsdp2_applied", False):
             self._apply_fsdp2(mesh)
@@ -209,17 +207,11 @@ class PolicyModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _clip_gradients(self) -> Tensor:
-        """Global gradient norm (clipped when ``grad_clip`` is set); correct under DDP, FSDP1 and FSDP2."""
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
+        """Global gradient norm (clipped when ``grad_clip`` is set); correct under DDP and FSDP2."""
         max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
-        wrapped = self.trainer.strategy.model
-        if isinstance(wrapped, FullyShardedDataParallel):
-            norm = wrapped.clip_grad_norm_(max_norm)
-        else:
-            params = [p for p in self.model.parameters() if p.grad is not None]  # type: ignore[union-attr]
-            # With FSDP2 the parameters are DTensors and the norm is computed across shards.
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        params = [p for p in self.model.parameters() if p.grad is not None]  # type: ignore[union-attr]
+        # With FSDP2 the parameters are DTensors and the norm is computed across shards.
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         return norm.detach().float()
@@ -296,14 +288,15 @@ class PolicyModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ validation (trainer.validate)
     def on_validation_epoch_start(self) -> None:
-        from nft_lit.evaluation import AvgAtK, PassAtK
+        from nft_lit.evaluation import AvgAtK, PassAtK, metric_device
 
         dm = self.trainer.datamodule
         dm.setup("validate")
         dm.engine.sync_weights(self.model)
         k = dm.val_num_samples
         # A plain dict: metrics stay out of the module's state_dict and checkpoints.
-        self._val_metrics = {f"avg@{k}": AvgAtK(), **({f"pass@{k}": PassAtK(k)} if k > 1 else {})}
+        metrics = {f"avg@{k}": AvgAtK(), **({f"pass@{k}": PassAtK(k)} if k > 1 else {})}
+        self._val_metrics = {name: m.to(metric_device()) for name, m in metrics.items()}
 
     def validation_step(self, batch: tuple[list[Any], int], batch_idx: int) -> None:
         from nft_lit.evaluation import sample_correctness
