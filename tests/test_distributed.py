@@ -34,6 +34,7 @@ def full_weights(module):  # a collective under FSDP2 (full_tensor): every rank 
 class Recorder(pl.Callback):
     def __init__(self):
         self.losses = []
+        self.metrics = []
 
     def on_train_start(self, trainer, pl_module):
         self.initial = full_weights(pl_module)
@@ -41,6 +42,8 @@ class Recorder(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if outputs is not None:
             self.losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+            logged = trainer.callback_metrics.items()
+            self.metrics.append({k: float(v) for k, v in logged if k.startswith(("train/ratio/", "train/loss/"))})
 
 
 spec = ModelSpec(tokenizer="char:0123456789+=", config=dict(hidden_size=64, num_layers=2, num_heads=2,
@@ -63,6 +66,7 @@ final, initial = full_weights(module), rec.initial
 if trainer.global_rank == 0:
     json.dump({
         "losses": rec.losses,
+        "metrics": rec.metrics,
         "steps": trainer.global_step,
         "sharded": any(type(p).__name__ == "DTensor" for p in module.model.parameters()),
         "dtypes": sorted({str(p.dtype) for p in module.model.parameters()}),
@@ -101,6 +105,12 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
     print("1 process:", one["losses"], "\n2 processes:", two["losses"])
     for a, b in zip(one["losses"], two["losses"], strict=True):
         assert b == pytest.approx(a, abs=1e-4, rel=1e-3)
+    # the loss's step metrics are reduced over ranks too: the same numbers from other micro-batch layouts
+    keys = {"train/ratio/mean", "train/ratio/min", "train/ratio/max", "train/loss/positive", "train/loss/negative"}
+    assert one["metrics"] and all(keys <= set(m) for m in one["metrics"] + two["metrics"])
+    assert any(m["train/ratio/max"] > m["train/ratio/min"] + 1e-3 for m in one["metrics"])  # off-policy steps
+    for a, b in zip(one["metrics"], two["metrics"], strict=True):
+        assert {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, abs=1e-4, rel=1e-3)
 
 
 @pytest.mark.distributed

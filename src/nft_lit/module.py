@@ -11,6 +11,7 @@ in float32 (paper Eq. 10 ratios R_t = exp(logπ_θ − logπ_old) are sensitive 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 
-from nft_lit.datamodule import MicroBatch, StepBatch
+from nft_lit.datamodule import MicroBatch, StepBatch, _all_gather_objects
 from nft_lit.losses import PolicyLoss
 from nft_lit.models import ModelSpec, load_model
 
@@ -256,16 +257,14 @@ class PolicyModule(pl.LightningModule):
         step_loss = torch.zeros((), device=self.device)
         entropy_sum = torch.zeros((), device=self.device)
         tokens = torch.zeros((), device=self.device)
-        metric_sums: dict[str, Tensor] = {}
-        metric_counts: dict[str, int] = {}
+        metric_rows: list[tuple[dict[str, Tensor], Tensor]] = []
         for mb in batch.micro_batches:
             loss, metrics, ent, n = self._micro_step(mb, float(world))
             step_loss += loss
             entropy_sum += ent
             tokens += n
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + v.detach().float()
-                metric_counts[k] = metric_counts.get(k, 0) + 1
+            if metrics:
+                metric_rows.append((metrics, n))
         grad_norm = self._clip_gradients()
         optimizer.step()
         scheduler.step()
@@ -278,13 +277,46 @@ class PolicyModule(pl.LightningModule):
             "train/grad_norm": grad_norm,
             "train/lr": torch.tensor(scheduler.get_last_lr()[0]),
         }
-        for k, v in metric_sums.items():
-            # loss parts are shares of the step loss (already step-normalised): they add up over micro-batches;
-            # ratio and clip statistics are per-micro-batch values: they are averaged
-            logs[f"train/{k}"] = v if k.startswith("loss/") else v / metric_counts[k]
+        logs.update({f"train/{k}": v for k, v in self._step_metrics(metric_rows).items()})
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
         self.log("loss", totals[0], prog_bar=True, on_step=True, on_epoch=False)
         return totals[0]
+
+    def _step_metrics(self, rows: list[tuple[dict[str, Tensor], Tensor]]) -> dict[str, Tensor]:
+        """The loss's metrics for the whole optimizer step, over this rank's micro-batches and all ranks.
+
+        ``rows`` = (metrics, response tokens) per micro-batch. Loss parts are shares of the step loss
+        (already step-normalised), so they are summed; ``*/min`` and ``*/max`` are the step's extremes; every
+        other metric is a per-micro-batch mean, averaged with the micro-batch's response tokens as weights
+        (exact for the token means such as ``ratio/mean``). Every rank takes part, also one whose
+        micro-batches were all padding (it has no metrics): the key set is gathered first.
+        """
+        keys = sorted({k for metrics, _ in rows for k in metrics})
+        keys = sorted(set().union(*_all_gather_objects(keys)))
+        summed = [k for k in keys if k.startswith("loss/")]
+        extremes = [k for k in keys if k.endswith(("/min", "/max"))]
+        averaged = [k for k in keys if k not in summed and k not in extremes]
+        zero = torch.zeros((), device=self.device)
+
+        def pairs(k: str) -> list[tuple[Tensor, Tensor]]:
+            return [(metrics[k].detach().float(), n.float()) for metrics, n in rows if k in metrics]
+
+        # one sum-reduce for the sums and weighted means, one max-reduce for the extremes (min = -max(-x))
+        sums = [sum((v for v, _ in pairs(k)), zero) for k in summed]
+        sums += [sum((v * n for v, n in pairs(k)), zero) for k in averaged]
+        sums += [sum((n for _, n in pairs(k)), zero) for k in averaged]
+        sign = {k: -1.0 if k.endswith("/min") else 1.0 for k in extremes}
+        highs = [max((sign[k] * v for v, _ in pairs(k)), default=zero - math.inf) for k in extremes]
+        total = self.trainer.strategy.reduce(torch.stack(sums), reduce_op="sum") if sums else zero
+        high = torch.stack(highs) if highs else zero
+        if highs and torch.distributed.is_initialized() and self.trainer.world_size > 1:
+            torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
+        out = {k: total[i] for i, k in enumerate(summed)}
+        n_avg = len(averaged)
+        for i, k in enumerate(averaged):
+            out[k] = total[len(summed) + i] / total[len(summed) + n_avg + i].clamp(min=1e-12)
+        out.update({k: sign[k] * high[i] for i, k in enumerate(extremes)})
+        return out
 
     # ------------------------------------------------------------------ validation (trainer.validate)
     def on_validation_epoch_start(self) -> None:
