@@ -24,7 +24,7 @@ from nft_lit.models import ModelSpec
 from nft_lit.module import PolicyModule
 from nft_lit.rollout import _full_state_dict
 
-world, out, accelerator, strategy_name, precision = int(sys.argv[1]), sys.argv[2], *sys.argv[4:7]
+world, out, accelerator, strategy_name, precision, compile = int(sys.argv[1]), sys.argv[2], *sys.argv[4:8]
 
 
 def full_weights(module):  # a collective under FSDP2 (full_tensor): every rank calls it
@@ -48,7 +48,7 @@ class Recorder(pl.Callback):
 
 spec = ModelSpec(tokenizer="char:0123456789+=", config=dict(hidden_size=64, num_layers=2, num_heads=2,
                  intermediate_size=64, seed=5))
-module = PolicyModule(spec, NFTLoss(), lr=1e-2, warmup_steps=0, grad_clip=1.0)
+module = PolicyModule(spec, NFTLoss(), lr=1e-2, warmup_steps=0, grad_clip=1.0, compile=compile == "compile")
 dm = make_datamodule(prompts_per_step=4, gen_prompts_per_round=8, num_mini_batches=2, micro_batch_size=3)
 if strategy_name == "fsdp2":  # FSDP2: fully_shard in PolicyModule.configure_model
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -76,15 +76,21 @@ if trainer.global_rank == 0:
 
 
 def run_fit_script(
-    tmp_path: Path, world: int, accelerator: str = "cpu", strategy: str | None = None, precision: str = "32-true"
+    tmp_path: Path,
+    world: int,
+    accelerator: str = "cpu",
+    strategy: str | None = None,
+    precision: str = "32-true",
+    compile: bool = False,
 ) -> dict:
     """Three NFT iterations on fake rollouts; `strategy` auto or fsdp2 (the default on several ranks)."""
     strategy = strategy or ("fsdp2" if world > 1 else "auto")
     script = tmp_path / "dist_fit.py"
     script.write_text(SCRIPT)
-    out = tmp_path / f"{accelerator}_{strategy}_{precision}_world{world}.json"
+    mode = "compile" if compile else "eager"
+    out = tmp_path / f"{accelerator}_{strategy}_{precision}_{mode}_world{world}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [str(world), str(out), str(Path(__file__).parent), accelerator, strategy, precision]
+    args = [str(world), str(out), str(Path(__file__).parent), accelerator, strategy, precision, mode]
     proc = subprocess.run(
         [sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
     )
@@ -111,6 +117,17 @@ def test_fsdp2_two_processes_match_one_process(tmp_path):
     assert any(m["train/ratio/max"] > m["train/ratio/min"] + 1e-3 for m in one["metrics"])  # off-policy steps
     for a, b in zip(one["metrics"], two["metrics"], strict=True):
         assert {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, abs=1e-4, rel=1e-3)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_compiled_forward_under_fsdp2_matches_eager_one_process(tmp_path):
+    """module.compile=true composes with FSDP2's hooks: the same loss curve as the eager single process."""
+    eager = run_fit_script(tmp_path, 1)
+    compiled = run_fit_script(tmp_path, 2, compile=True)
+    assert compiled["sharded"] and compiled["steps"] == eager["steps"] == 6
+    for a, b in zip(eager["losses"], compiled["losses"], strict=True):
+        assert b == pytest.approx(a, abs=1e-4, rel=1e-3)
 
 
 @pytest.mark.distributed
