@@ -144,7 +144,8 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_gather_objects(obj: Any) -> list[Any]:
+def all_gather_objects(obj: Any) -> list[Any]:
+    """``obj`` from every rank, in rank order (``[obj]`` without a process group)."""
     _, world = _world()
     if world == 1:
         return [obj]
@@ -388,7 +389,7 @@ class RolloutDataModule(pl.LightningDataModule):
             )
             for j, i in enumerate(mine)
         ]
-        gathered = _all_gather_objects((groups, stats))
+        gathered = all_gather_objects((groups, stats))
         all_groups = sorted((g for gs, _ in gathered for g in gs), key=lambda g: indices.index(g.prompt_index))
         # Wall-clock is the slowest rank; token counts add up.
         merged = {
@@ -559,7 +560,7 @@ class RolloutDataModule(pl.LightningDataModule):
                 if n > 0:
                     gap_sum += logprob_gap(mb.engine_logprobs, lp, mask) * n
                     tokens += n
-        totals = _all_gather_objects((gap_sum, tokens))
+        totals = all_gather_objects((gap_sum, tokens))
         gap = sum(s for s, _ in totals) / max(sum(t for _, t in totals), 1.0)
         check_logprob_gap(gap, self.max_logprob_gap)
         return {"logprob_gap": gap}

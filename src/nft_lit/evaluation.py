@@ -37,7 +37,7 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
 
 
-def metric_device() -> torch.device:
+def _metric_device() -> torch.device:
     """Where metric states must live so that ``Metric.compute()`` can all-gather them: NCCL (any GPU run
     under a distributed strategy, even on one device) moves only CUDA tensors."""
     dist = torch.distributed
@@ -46,8 +46,8 @@ def metric_device() -> torch.device:
     return torch.device("cpu")
 
 
-class AvgAtK(Metric):
-    """Mean correctness over all samples of all problems (the paper's avg@k with k samples per problem)."""
+class _MeanOverProblems(Metric):
+    """A per-problem score averaged over problems; ``compute()`` sums the states over ranks first."""
 
     full_state_update = False
 
@@ -55,41 +55,43 @@ class AvgAtK(Metric):
         super().__init__(**kwargs)
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("problems", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.to(_metric_device())
+
+    def _score_sum(self, correct: Tensor) -> float:
+        """Sum over problems of the per-problem score; ``correct`` [P, n] as in ``update``."""
+        raise NotImplementedError
 
     def update(self, correct: Tensor) -> None:
         """correct: [P, n] 0/1 of n samples for each of P problems."""
         if correct.dim() != 2:
-            raise ValueError(f"AvgAtK.update: correct must be [problems, samples], got {tuple(correct.shape)}")
-        self.total += float(correct.double().mean(-1).sum())
+            name = type(self).__name__
+            raise ValueError(f"{name}.update: correct must be [problems, samples], got {tuple(correct.shape)}")
+        self.total += self._score_sum(correct)
         self.problems += correct.shape[0]
 
     def compute(self) -> Tensor:
         return (self.total / self.problems.clamp(min=1)).float()
 
 
-class PassAtK(Metric):
+class AvgAtK(_MeanOverProblems):
+    """Mean correctness over all samples of all problems (the paper's avg@k with k samples per problem)."""
+
+    def _score_sum(self, correct: Tensor) -> float:
+        return float(correct.double().mean(-1).sum())
+
+
+class PassAtK(_MeanOverProblems):
     """Unbiased pass@k averaged over problems; needs at least k samples per problem."""
 
-    full_state_update = False
-
     def __init__(self, k: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
         if k < 1:
             raise ValueError(f"PassAtK: k must be >= 1, got {k}")
+        super().__init__(**kwargs)
         self.k = k
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("problems", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, correct: Tensor) -> None:
-        if correct.dim() != 2:
-            raise ValueError(f"PassAtK.update: correct must be [problems, samples], got {tuple(correct.shape)}")
+    def _score_sum(self, correct: Tensor) -> float:
         n = correct.shape[1]
-        for c in correct.sum(-1).tolist():
-            self.total += pass_at_k(n, int(c), self.k)
-        self.problems += correct.shape[0]
-
-    def compute(self) -> Tensor:
-        return (self.total / self.problems.clamp(min=1)).float()
+        return sum(pass_at_k(n, int(c), self.k) for c in correct.sum(-1).tolist())
 
 
 @dataclass
@@ -157,9 +159,8 @@ def evaluate_benchmark(
     """
     sampling = benchmark.sampling or default_sampling
     k = benchmark.num_samples
-    device = metric_device()
-    avg = AvgAtK().to(device)
-    passes = {j: PassAtK(j).to(device) for j in benchmark.pass_k}
+    avg = AvgAtK()
+    passes = {j: PassAtK(j) for j in benchmark.pass_k}
     t0 = time.perf_counter()
     tokens = 0
     for chunk, real in shard_batches(benchmark.problems, batch_prompts):

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 
-from nft_lit.datamodule import MicroBatch, StepBatch, _all_gather_objects
+from nft_lit.datamodule import MicroBatch, StepBatch, all_gather_objects
 from nft_lit.losses import PolicyLoss
 from nft_lit.models import ModelSpec, load_model
 
@@ -298,7 +298,7 @@ class PolicyModule(pl.LightningModule):
         micro-batches were all padding (it has no metrics): the key set is gathered first.
         """
         keys = sorted({k for metrics, _ in rows for k in metrics})
-        keys = sorted(set().union(*_all_gather_objects(keys)))
+        keys = sorted(set().union(*all_gather_objects(keys)))
         summed = [k for k in keys if k.startswith("loss/")]
         extremes = [k for k in keys if k.endswith(("/min", "/max"))]
         averaged = [k for k in keys if k not in summed and k not in extremes]
@@ -326,15 +326,14 @@ class PolicyModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ validation (trainer.validate)
     def on_validation_epoch_start(self) -> None:
-        from nft_lit.evaluation import AvgAtK, PassAtK, metric_device
+        from nft_lit.evaluation import AvgAtK, PassAtK
 
         dm = self.trainer.datamodule
         dm.setup("validate")
         dm.engine.sync_weights(self.model)
         k = dm.val_num_samples
         # A plain dict: metrics stay out of the module's state_dict and checkpoints.
-        metrics = {f"avg@{k}": AvgAtK(), **({f"pass@{k}": PassAtK(k)} if k > 1 else {})}
-        self._val_metrics = {name: m.to(metric_device()) for name, m in metrics.items()}
+        self._val_metrics = {f"avg@{k}": AvgAtK(), **({f"pass@{k}": PassAtK(k)} if k > 1 else {})}
 
     def validation_step(self, batch: tuple[list[Any], int], batch_idx: int) -> None:
         from nft_lit.evaluation import sample_correctness
