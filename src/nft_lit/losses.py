@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum-constant"]
 Omega = Literal["uniform", "dr_grpo", "grpo"]
-AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "sum-constant")
-OMEGAS: tuple[str, ...] = ("uniform", "dr_grpo", "grpo")
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
+OMEGAS: tuple[str, ...] = get_args(Omega)
 
 
 def group_stats(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,15 +204,18 @@ class _NFTTokenLogRatio(torch.autograd.Function):
         return grad_value * grad_factor, None, None, None, None, None, None
 
 
-def _masked_stats(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean, min, max of values[mask] without materialising the boolean gather."""
-    values = values.detach()
+def _ratio_metrics(ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """``ratio/mean``, ``ratio/min``, ``ratio/max`` of ratio[mask] without materialising the boolean gather."""
+    ratio = ratio.detach()
     count = mask.sum()
     if count == 0:
-        zero = values.new_zeros(())
-        return zero, zero, zero
-    mean = torch.where(mask, values, 0.0).sum() / count
-    return mean, torch.where(mask, values, torch.inf).min(), torch.where(mask, values, -torch.inf).max()
+        zero = ratio.new_zeros(())
+        return {"ratio/mean": zero, "ratio/min": zero, "ratio/max": zero}
+    return {
+        "ratio/mean": torch.where(mask, ratio, 0.0).sum() / count,
+        "ratio/min": torch.where(mask, ratio, torch.inf).min(),
+        "ratio/max": torch.where(mask, ratio, -torch.inf).max(),
+    }
 
 
 def _masked_frac(flags: Tensor, mask: Tensor) -> Tensor:
@@ -228,11 +231,14 @@ class PolicyLoss(nn.Module):
     agg: str
     kl_coef: float = 0.0
 
-    def _check_agg(self, agg: str, agg_constant: float) -> None:
+    def _set_agg(self, agg: str, agg_constant: float) -> None:
+        """Check and set the step aggregation shared by every loss."""
         if agg not in AGGREGATIONS:
             raise ValueError(f"{type(self).__name__}: agg must be one of {AGGREGATIONS}, got {agg!r}")
         if not agg_constant > 0:
             raise ValueError(f"{type(self).__name__}: agg_constant must be > 0, got {agg_constant}")
+        self.agg = agg
+        self.agg_constant = agg_constant
 
     def validate_batch(self, batch: LossBatch) -> None:
         """Raise ValueError naming the field when the batch cannot be trained on by this loss."""
@@ -310,19 +316,18 @@ class NFTLoss(PolicyLoss):
         positive_ratio_floor: float = 0.0,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
         if not epsilon > 0:
-            raise ValueError(f"{type(self).__name__}: epsilon must be > 0 (log of the clipped ratio), got {epsilon}")
+            raise ValueError(f"{name}: epsilon must be > 0 (log of the clipped ratio), got {epsilon}")
         if omega not in OMEGAS:
-            raise ValueError(f"{type(self).__name__}: omega must be one of {OMEGAS}, got {omega!r}")
+            raise ValueError(f"{name}: omega must be one of {OMEGAS}, got {omega!r}")
         if not 0 < r_hat_min <= r_hat_max < 1:
-            raise ValueError(f"r_hat_min/r_hat_max must satisfy 0 < min <= max < 1, got {r_hat_min}, {r_hat_max}")
+            raise ValueError(f"{name}: r_hat_min/r_hat_max must satisfy 0 < min <= max < 1, got {r_hat_min, r_hat_max}")
         if positive_ratio_floor < 0:
-            raise ValueError(f"positive_ratio_floor must be >= 0, got {positive_ratio_floor}")
-        self._check_agg(agg, agg_constant)
+            raise ValueError(f"{name}: positive_ratio_floor must be >= 0, got {positive_ratio_floor}")
+        self._set_agg(agg, agg_constant)
         self.epsilon = epsilon
         self.omega = omega
-        self.agg = agg
-        self.agg_constant = agg_constant
         self.log_ratio_cap = log_ratio_cap
         self.r_hat_min = r_hat_min
         self.r_hat_max = r_hat_max
@@ -349,14 +354,11 @@ class NFTLoss(PolicyLoss):
         loss = rows.sum()
         with torch.no_grad():
             pos_part = rows[positive_rows].sum()
-            ratio_mean, ratio_min, ratio_max = _masked_stats(ratio, mask)
             positive = positive_rows[:, None]
             metrics = {
                 "loss/positive": pos_part,
                 "loss/negative": loss.detach() - pos_part,
-                "ratio/mean": ratio_mean,
-                "ratio/min": ratio_min,
-                "ratio/max": ratio_max,
+                **_ratio_metrics(ratio, mask),
                 "clip/neg_eps_frac": _masked_frac(neg_ratio < self.epsilon, mask & ~positive),
                 "clip/log_ratio_cap_frac": _masked_frac(raw_log_ratio > self.log_ratio_cap, mask),
             }
@@ -428,13 +430,11 @@ class GRPOLoss(PolicyLoss):
             raise ValueError(f"{name}: dual_clip must be > 1 (or null to disable), got {dual_clip}")
         if kl_coef < 0:
             raise ValueError(f"{name}: kl_coef must be >= 0, got {kl_coef}")
-        self._check_agg(agg, agg_constant)
+        self._set_agg(agg, agg_constant)
         self.clip_low = clip_low
         self.clip_high = clip_high
         self.scale_by_std = scale_by_std
         self.std_eps = std_eps
-        self.agg = agg
-        self.agg_constant = agg_constant
         self.dual_clip = dual_clip
         self.kl_coef = kl_coef
         self.log_ratio_cap = log_ratio_cap
@@ -469,13 +469,10 @@ class GRPOLoss(PolicyLoss):
         loss = rows.sum()
         with torch.no_grad():
             pos_part = rows[positive_adv].sum()
-            ratio_mean, ratio_min, ratio_max = _masked_stats(ratio, mask)
             metrics = {
                 "loss/positive": pos_part,
                 "loss/negative": loss.detach() - pos_part,
-                "ratio/mean": ratio_mean,
-                "ratio/min": ratio_min,
-                "ratio/max": ratio_max,
+                **_ratio_metrics(ratio, mask),
                 "clip/high_frac": _masked_frac((ratio > 1.0 + self.clip_high) & positive_adv[:, None], mask),
                 "clip/low_frac": _masked_frac((ratio < 1.0 - self.clip_low) & negative_adv[:, None], mask),
                 "advantage/mean": adv.mean(),
@@ -538,20 +535,20 @@ class InfoNCALoss(PolicyLoss):
         agg_constant: float = 1000.0,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
         if not beta > 0:
-            raise ValueError(f"InfoNCALoss: beta must be > 0, got {beta}")
+            raise ValueError(f"{name}: beta must be > 0, got {beta}")
         if sft_weight < 0:
-            raise ValueError(f"InfoNCALoss: sft_weight must be >= 0, got {sft_weight}")
-        self._check_agg(agg, agg_constant)
+            raise ValueError(f"{name}: sft_weight must be >= 0, got {sft_weight}")
+        self._set_agg(agg, agg_constant)
         self.beta = beta
         self.sft_weight = sft_weight
-        self.agg = agg
-        self.agg_constant = agg_constant
 
     def forward(self, logprobs: Tensor, batch: LossBatch) -> LossOutput:
         self.validate_batch(batch)
         mask = batch.response_mask.to(logprobs.dtype)
-        seq_log_ratio = ((logprobs - batch.old_logprobs) * mask).sum(dim=-1)  # [B]
+        log_ratio = logprobs - batch.old_logprobs  # [B, T]
+        seq_log_ratio = (log_ratio * mask).sum(dim=-1)  # [B]
         logits = self.beta * seq_log_ratio
         _, inverse = torch.unique(batch.group_ids, return_inverse=True)
         num_local_groups = int(inverse.max()) + 1
@@ -576,9 +573,6 @@ class InfoNCALoss(PolicyLoss):
                 "loss/infonca": nca.detach(),
                 "loss/sft_nll": sft.detach(),
                 "ratio/seq_log_ratio_mean": seq_log_ratio.detach().mean(),
+                **_ratio_metrics(log_ratio.exp(), batch.response_mask.bool()),
             }
-            ratio_mean, ratio_min, ratio_max = _masked_stats(
-                (logprobs - batch.old_logprobs).exp(), batch.response_mask.bool()
-            )
-            metrics.update({"ratio/mean": ratio_mean, "ratio/min": ratio_min, "ratio/max": ratio_max})
         return LossOutput(loss=loss, metrics=metrics)
