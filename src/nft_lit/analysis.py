@@ -7,6 +7,7 @@ actually computes; the closed forms below are the paper's, for drawing over them
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -42,13 +43,11 @@ def gradient_weights(
         group_std=torch.full((n,), float(std), dtype=torch.float64),
         group_size=torch.ones(n, dtype=torch.float64),
     )
-    # sum-constant with C = 1 turns the step loss into the plain sum of token losses, whatever loss.agg is.
-    saved = (loss.agg, getattr(loss, "agg_constant", 1.0))
-    loss.agg, loss.agg_constant = "sum-constant", 1.0
-    try:
-        (grad,) = torch.autograd.grad(loss(logprobs, batch).loss, logprobs)
-    finally:
-        loss.agg, loss.agg_constant = saved
+    # sum-constant with C = 1 turns the step loss into the plain sum of token losses, whatever loss.agg is;
+    # set on a shallow copy so the caller's loss keeps its own aggregation.
+    probe = copy.copy(loss)
+    probe.agg, probe.agg_constant = "sum-constant", 1.0
+    (grad,) = torch.autograd.grad(probe(logprobs, batch).loss, logprobs)
     # ∂L/∂R = ∂L/∂log π · ∂log π/∂R = ∂L/∂log π / R
     return -(grad[:, 0] / ratios).float()
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 # Runtime imports (not TYPE_CHECKING): LightningCLI/jsonargparse read the constructor's type hints.
 from nft_lit.data import Problem, ProblemSet
 from nft_lit.losses import LossBatch, group_stats
-from nft_lit.prompts import PromptTemplate
+from nft_lit.prompts import PromptTemplate, encode_prompt
 from nft_lit.reward import Verifier, overlong_penalty
 from nft_lit.rollout import RolloutBatch, RolloutEngine, SamplingParams, check_logprob_gap, logprob_gap
 
@@ -111,13 +111,6 @@ def _derive_seed(*parts: int) -> int:
     for p in parts:
         h = (h * 1_000_003 + int(p) + 0x7F4A7C15) % (2**31 - 1)
     return h
-
-
-def encode_prompt(question: str, template: PromptTemplate | None, tokenizer: Any) -> list[int]:
-    """Prompt token ids: through the template when given, else the bare question without special tokens."""
-    if template is None:
-        return list(tokenizer.encode(question, add_special_tokens=False))
-    return list(template.encode(question, tokenizer))
 
 
 def shard_batches(problems: Sequence[Problem], batch_prompts: int) -> list[tuple[list[Problem], int]]:

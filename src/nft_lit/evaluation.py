@@ -22,8 +22,8 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from nft_lit.data import Problem
-from nft_lit.datamodule import encode_prompt, shard_batches
-from nft_lit.prompts import PromptTemplate
+from nft_lit.datamodule import shard_batches
+from nft_lit.prompts import PromptTemplate, encode_prompt
 from nft_lit.reward import Verifier
 from nft_lit.rollout import RolloutEngine, SamplingParams
 

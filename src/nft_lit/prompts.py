@@ -86,6 +86,9 @@ class PromptTemplate:
         add_special = self.add_special_tokens and not self.uses_chat(tokenizer)
         return list(tokenizer.encode(text, add_special_tokens=add_special))
 
-    def encode_batch(self, questions: list[str], tokenizer: PromptTokenizer) -> list[list[int]]:
-        """``encode`` for each question, in order."""
-        return [self.encode(question, tokenizer) for question in questions]
+
+def encode_prompt(question: str, template: PromptTemplate | None, tokenizer: Any) -> list[int]:
+    """Prompt token ids: through the template when given, else the bare question without special tokens."""
+    if template is None:
+        return list(tokenizer.encode(question, add_special_tokens=False))
+    return template.encode(question, tokenizer)

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from nft_lit.data import Problem
 from nft_lit.models import build_char_tokenizer, save_hf_folder, tiny_causal_lm
+from nft_lit.prompts import encode_prompt
 from nft_lit.reward import ExactMatchVerifier
 from nft_lit.rollout import HFGenerateEngine, SamplingParams
 from nft_lit.synthetic import ALPHABET, ArithmeticTask, sample_problems
@@ -110,7 +111,7 @@ def _encode(tokenizer: PreTrainedTokenizerFast, problems: list[Problem]) -> tupl
     """Teacher-forcing batch: prompt + answer + EOS, loss on the answer and EOS only (right-padded)."""
     rows, labels = [], []
     for p in problems:
-        prompt = tokenizer.encode(p.question, add_special_tokens=False)
+        prompt = encode_prompt(p.question, None, tokenizer)
         answer = [*tokenizer.encode(p.answer, add_special_tokens=False), tokenizer.eos_token_id]
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
@@ -135,7 +136,7 @@ def pass_rate(
     engine = HFGenerateEngine(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     engine.sync_weights(model)
     sampling = SamplingParams(temperature=0.0 if greedy else 1.0, max_new_tokens=max_new_tokens, seed=seed)
-    prompts = [tokenizer.encode(p.question, add_special_tokens=False) for p in problems]
+    prompts = [encode_prompt(p.question, None, tokenizer) for p in problems]
     batch = engine.generate(prompts, 1, sampling)
     responses = [tokenizer.decode(ids, skip_special_tokens=True) for ids in batch.response_ids]
     result = ExactMatchVerifier().score(responses, [p.answer for p in problems], batch.truncated)
