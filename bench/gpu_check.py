@@ -196,12 +196,7 @@ def bench_train_step(
 
 def bench_losses(shape: Shape, device: torch.device) -> list[dict]:
     new, batch = make_batch(shape.loss_answers, shape.loss_tokens, k=16)
-    new = new.to(device)
-    batch = dataclasses.replace(
-        batch,
-        **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)
-           if isinstance(getattr(batch, f.name), torch.Tensor)},
-    )  # fmt: skip
+    new, batch = new.to(device), batch.to(device)
     real_tokens = float(batch.response_mask.sum())
     rows = []
     for name in ALGORITHMS:
@@ -338,7 +333,7 @@ def main() -> int:
         f"HF generate: {generation['batch']} prompts x {shape.gen_new} new tokens: "
         f"{generation['tokens_per_s']:.0f} tok/s ({generation['seconds']:.1f} s)"
     )
-    best = max((r["mfu"] for r in train_rows if r["mfu"] is not None), default=None)
+    best = max((r["mfu"] for r in train_rows if r.get("mfu") is not None), default=None)
     if best is not None:
         print(f"best MFU {best:.1%} (goal >= {GOAL_MFU:.0%}): {'OK' if best >= GOAL_MFU else 'BEHIND'}")
     print(f"total {total:.0f} s")

@@ -14,6 +14,34 @@ import torch
 
 from nft_lit.reward import VerifyResult
 
+# Hydra overrides that swap the smoke run's data and verifier for these fakes: mixed groups (so real updates)
+# from a random-init model.
+PARITY_OVERRIDES = [
+    "~data.problems",
+    "+data.problems={_target_: _rollout_fakes.addition_problems, size: 60}",
+    "~eval.heldout",
+    "+eval.heldout={_target_: _rollout_fakes.addition_problems, size: 4, seed: 1}",
+    "reward.verifier._target_=_rollout_fakes.ParityVerifier",
+]
+
+# What every training iteration logs, whatever runs it (Trainer.fit in-process or `nft-lit fit`).
+ITERATION_METRICS = (
+    "train/loss",
+    "train/entropy",
+    "train/grad_norm",
+    "train/lr",
+    "rollout/pass_rate",
+    "rollout/kept_group_fraction",
+    "rollout/gen_rounds",
+    "rollout/response_length_mean",
+    "rollout/response_length_max",
+    "rollout/truncation_rate",
+    "rollout/logprob_gap",
+    "rollout/gen_tokens_per_second",
+    "rollout/verify_seconds",
+    "train/tokens_per_second",
+)
+
 
 @dataclass
 class FakeSampling:

@@ -25,8 +25,6 @@ def test_smoke_with_every_algorithm_instantiates_module_and_loss(algorithm):
     cfg = _compose("experiment=smoke", f"algorithm={algorithm}")
     if algorithm == "dapo":  # DAPO's overlong buffer must fit the smoke's 3-token answers
         cfg.algorithm.overlong_buffer = 2
-    if algorithm == "infonca":
-        cfg.datamodule.whole_groups = True
     check_config(cfg)
     module = instantiate(cfg.module, _convert_="object")
     assert type(module.loss_fn).__name__ == OmegaConf.select(cfg, "algorithm.loss._target_").rsplit(".", 1)[1]

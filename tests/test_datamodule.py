@@ -50,6 +50,7 @@ def test_steps_carry_whole_group_stats_and_step_normalisers():
     rewards = torch.tensor([r for g in groups for r in g.rewards])
     mean, std = group_stats(rewards, torch.arange(4).repeat_interleave(4))
     seen = 0
+    responses = []
     for step in steps:
         tokens = sum(float(mb.loss_batch.response_mask.sum()) for mb in step.micro_batches)
         seqs = sum(mb.loss_batch.rewards.numel() for mb in step.micro_batches)
@@ -60,11 +61,15 @@ def test_steps_carry_whole_group_stats_and_step_normalisers():
             flat = lb.group_ids * 4
             # group mean/std are those of the WHOLE group even when a micro-batch holds part of it
             assert torch.allclose(lb.group_mean, mean[flat]) and torch.allclose(lb.group_std, std[flat])
-            # response tokens sit right after the left-padded prompt
+            # response tokens sit right after the left-padded prompt, the mask covering exactly them
             resp = mb.input_ids[:, mb.prompt_len :]
-            assert torch.equal(resp * lb.response_mask.long(), resp * lb.response_mask.long())
+            for row, mask in zip(resp, lb.response_mask, strict=True):
+                n = int(mask.sum())
+                assert mask[:n].all() and not mask[n:].any()
+                responses.append(row[:n].tolist())
         seen += seqs
     assert seen == 16
+    assert sorted(responses) == sorted(r for g in groups for r in g.response_ids)
 
 
 def test_whole_groups_never_split_across_micro_batches():

@@ -11,7 +11,8 @@ import math
 
 import pytest
 import torch
-from test_cli import DATA, _nft_lit
+from _rollout_fakes import PARITY_OVERRIDES
+from test_cli import _nft_lit
 from test_distributed import run_fit_script
 
 pytestmark = [
@@ -57,7 +58,8 @@ def test_nft_lit_fit_with_gpu_trainer_configs(tmp_path, trainer):
     rollouts, held-out evaluation and checkpoints."""
     run = tmp_path / "run"
     overrides = [f"trainer={trainer}", "trainer.devices=1", "iterations=2", "eval.every_n_iterations=2"]
-    _nft_lit("fit", "experiment=smoke", *overrides, f"hydra.run.dir={run}", *DATA, *TRAINER_CONFIGS[trainer])
+    overrides += [f"hydra.run.dir={run}", *PARITY_OVERRIDES, *TRAINER_CONFIGS[trainer]]
+    _nft_lit("fit", "experiment=smoke", *overrides)
     assert (run / "checkpoints" / "last.ckpt").exists()
     rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]

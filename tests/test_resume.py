@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _rollout_fakes import PARITY_OVERRIDES
 from hydra import compose, initialize_config_dir
 
 from nft_lit.cli import CONFIG_DIR, run_fit
@@ -11,11 +12,7 @@ OVERRIDES = [
     "experiment=smoke",
     "algorithm=nft",
     "eval.every_n_iterations=3",
-    "reward.verifier._target_=_rollout_fakes.ParityVerifier",
-    "~data.problems",
-    "+data.problems={_target_: _rollout_fakes.addition_problems, size: 60}",
-    "~eval.heldout",
-    "+eval.heldout={_target_: _rollout_fakes.addition_problems, size: 4, seed: 1}",
+    *PARITY_OVERRIDES,
     "logging.tensorboard=false",
 ]
 

@@ -62,18 +62,12 @@ class MicroBatch:
     is_padding: bool = False
 
     def to(self, device: torch.device | str) -> MicroBatch:
-        lb = self.loss_batch
-        moved = {
-            name: getattr(lb, name).to(device)
-            for name in lb.__dataclass_fields__
-            if isinstance(getattr(lb, name), torch.Tensor)
-        }
         return replace(
             self,
             input_ids=self.input_ids.to(device),
             attention_mask=self.attention_mask.to(device),
             engine_logprobs=self.engine_logprobs.to(device),
-            loss_batch=replace(lb, **moved),
+            loss_batch=self.loss_batch.to(device),
         )
 
 

@@ -13,7 +13,7 @@ Shapes: ``B`` answers in the micro-batch, ``T`` response tokens (right-padded, `
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal, get_args
 
 import torch
@@ -105,6 +105,11 @@ class LossBatch:
 
     def group_count(self) -> float:
         return float(torch.unique(self.group_ids).numel()) if self.num_groups is None else float(self.num_groups)
+
+    def to(self, device: torch.device | str) -> LossBatch:
+        """A copy with every tensor field on ``device`` (the counts stay as they are)."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, **{name: t.to(device) for name, t in tensors.items()})
 
 
 @dataclass
