@@ -72,7 +72,7 @@ class FakeEngine:
 
     def sync_weights(self, model: object) -> dict[str, float]:
         self.syncs += 1
-        return {"seconds": 0.0}
+        return {"sync/seconds": 0.0}
 
     def generate(self, prompt_ids: list[list[int]], num_samples: int, sampling: FakeSampling) -> FakeRollout:
         self.seeds.append(sampling.seed)

@@ -113,7 +113,7 @@ def check_config(cfg: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def _run_hydra(argv: list[str], task: Any, name: str) -> int:
+def _run_hydra(argv: list[str], task: Any) -> int:
     """Run ``task(cfg)`` as a Hydra app over configs/train.yaml with ``argv`` as Hydra's command line.
 
     Hydra is driven directly (``hydra.main`` would parse ``sys.argv``, which here still starts with the
@@ -164,7 +164,7 @@ def build_callbacks(cfg: Any) -> list[Any]:
         callbacks.append(
             HeldOutEvaluation(
                 [bench],
-                sampling=instantiate(cfg.eval.sampling),
+                sampling=bench.sampling,
                 every_n_iterations=cfg.eval.every_n_iterations,
                 at_start=cfg.eval.at_start,
                 batch_prompts=cfg.eval.batch_prompts,
@@ -220,7 +220,7 @@ def run_fit(cfg: Any) -> dict[str, float]:
 
 
 def fit_command(argv: list[str]) -> int:
-    return _run_hydra(argv, run_fit, "fit")
+    return _run_hydra(argv, run_fit)
 
 
 # ---------------------------------------------------------------------------------------------- validate/export
@@ -324,7 +324,7 @@ def run_validate(cfg: Any) -> dict[str, float]:
 
 
 def validate_command(argv: list[str]) -> int:
-    return _run_hydra(argv, run_validate, "validate")
+    return _run_hydra(argv, run_validate)
 
 
 def run_export(cfg: Any) -> Path:
@@ -342,7 +342,7 @@ def run_export(cfg: Any) -> Path:
 
 
 def export_command(argv: list[str]) -> int:
-    return _run_hydra(argv, run_export, "export")
+    return _run_hydra(argv, run_export)
 
 
 def lightning_cli_command(argv: list[str]) -> int:

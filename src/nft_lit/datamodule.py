@@ -30,7 +30,7 @@ from nft_lit.data import Problem, ProblemSet
 from nft_lit.losses import LossBatch, group_stats
 from nft_lit.prompts import PromptTemplate, encode_prompt
 from nft_lit.reward import Verifier, overlong_penalty
-from nft_lit.rollout import RolloutBatch, RolloutEngine, SamplingParams, check_logprob_gap, logprob_gap
+from nft_lit.rollout import RolloutBatch, RolloutEngine, SamplingParams, check_logprob_gap, logprob_gap, pad_left
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,9 @@ class StepBatch:
     """One optimizer step (a mini-batch of ALGORITHMS.md) on this rank."""
 
     micro_batches: list[MicroBatch]
-    step_index: int
 
     def to(self, device: torch.device | str) -> StepBatch:
-        return StepBatch([mb.to(device) for mb in self.micro_batches], self.step_index)
+        return StepBatch([mb.to(device) for mb in self.micro_batches])
 
 
 @dataclass
@@ -139,17 +138,6 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world
     torch.distributed.all_gather_object(out, obj)
     return out
-
-
-def _pad_left(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(r) for r in rows), default=0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
 
 
 def _pad_right(rows: Sequence[Sequence[float]], pad: float, dtype: torch.dtype) -> torch.Tensor:
@@ -475,7 +463,7 @@ class RolloutDataModule(pl.LightningDataModule):
             members = [(0, 0)]
         prompts = [groups[g].prompt_ids for g, _ in members]
         responses = [groups[g].response_ids[j] for g, j in members]
-        p_ids, p_mask = _pad_left(prompts, pad)
+        p_ids, p_mask = pad_left(prompts, pad)
         r_ids = _pad_right(responses, pad, torch.long)
         r_mask = _pad_right([[1] * len(r) for r in responses], 0, torch.long)
         if is_padding:
@@ -513,7 +501,7 @@ class RolloutDataModule(pl.LightningDataModule):
         # Statistics over the WHOLE group (all K answers), before any mini-batching.
         stats = group_stats(rewards, ids)
         steps = []
-        for s, per_rank in enumerate(self.plan(groups)):
+        for per_rank in self.plan(groups):
             members = [m for mbs in per_rank for mb in mbs for m in mb]
             counts = {
                 "num_tokens": float(sum(len(groups[g].response_ids[j]) for g, j in members)),
@@ -521,7 +509,7 @@ class RolloutDataModule(pl.LightningDataModule):
                 "num_groups": float(len({g for g, _ in members})),
             }
             mbs = [self._micro_batch(groups, mb, stats, counts) for mb in per_rank[rank]]
-            steps.append(StepBatch(mbs, s))
+            steps.append(StepBatch(mbs))
         return steps
 
     @torch.no_grad()
@@ -539,8 +527,7 @@ class RolloutDataModule(pl.LightningDataModule):
         gap_sum, tokens = 0.0, 0.0
         for step in steps:
             for mb in step.micro_batches:
-                moved = mb.to(device)
-                lp = logprob_fn(moved.input_ids, moved.attention_mask, moved.prompt_len).float().cpu()
+                lp = logprob_fn(mb.input_ids.to(device), mb.attention_mask.to(device), mb.prompt_len).float().cpu()
                 mask = mb.loss_batch.response_mask
                 mb.loss_batch.old_logprobs = lp * mask
                 n = float(mask.sum())
@@ -561,14 +548,14 @@ class RolloutDataModule(pl.LightningDataModule):
             # The iteration the resumed checkpoint closed: Lightning skips to the next epoch without
             # iterating this loader, so hand it an empty (no-op) step instead of generating.
             self._finished_iteration = None
-            return DataLoader(_ListDataset([StepBatch([], 0)]), batch_size=None, collate_fn=_identity)
+            return DataLoader(_ListDataset([StepBatch([])]), batch_size=None, collate_fn=_identity)
         self.iteration = epoch
         self.setup("fit")
         assert self.engine is not None
         self._phase("sync")
         sync_stats = self.engine.sync_weights(model.model)
         groups, stats = self.collect()
-        stats.update({f"sync_{k}": float(v) for k, v in (sync_stats or {}).items()})
+        stats.update({k: float(v) for k, v in (sync_stats or {}).items()})  # already named sync/...
         if groups:
             steps = self.build_steps(groups)
         else:
@@ -577,7 +564,7 @@ class RolloutDataModule(pl.LightningDataModule):
             log.warning(
                 "iteration %d: no group kept after %d rounds; skipping the update", self.iteration, stats["gen_rounds"]
             )
-            steps = [StepBatch([], 0)]
+            steps = [StepBatch([])]
         self._phase("old-logprobs")
         was_training = model.training
         model.eval()

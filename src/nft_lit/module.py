@@ -28,7 +28,8 @@ from nft_lit.models import ModelSpec, load_model
 def response_logprobs_and_entropy(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, temperature: float
 ) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs [B, T] and entropies [B, T] (float32) of the response columns ``prompt_len:``.
+    """Per-token log-probs [B, T] and entropies [B, T] (float32, the entropies without gradient: they are
+    only logged) of the response columns ``prompt_len:``.
 
     Positions come from the attention mask so left-padded prompts see the same positions as in generation.
     Only the columns that predict response tokens go through the output layer (``logits_to_keep``): the
@@ -44,7 +45,8 @@ def response_logprobs_and_entropy(
     logp_all = torch.log_softmax(logits, dim=-1)
     targets = input_ids[:, prompt_len:].unsqueeze(-1)
     logprobs = logp_all.gather(-1, targets).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    with torch.no_grad():  # a graph here would keep another vocab-sized tensor alive until backward
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logprobs, entropy
 
 
@@ -60,12 +62,7 @@ def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
 class PhaseProgressBar(TQDMProgressBar):
     """TQDM bar whose description shows the iteration's phase (sync / generate / verify / train)."""
 
-    def __init__(self, refresh_rate: int = 1) -> None:
-        super().__init__(refresh_rate=refresh_rate)
-        self.phase = "start"
-
     def set_phase(self, phase: str) -> None:
-        self.phase = phase
         bar = self._train_progress_bar
         if bar is not None and not bar.disable:
             bar.set_description(f"Iteration {self.trainer.current_epoch} [{phase}]")
@@ -145,7 +142,7 @@ class PolicyModule(pl.LightningModule):
         self.run_config: dict[str, Any] | None = None
         self._epoch_start = 0.0
         self._train_tokens = 0.0
-        self._train_seconds = 0.0
+        self._metric_keys: tuple[list[str], list[str]] | None = None
         if self.model is not None:
             self._make_reference()
 
@@ -260,22 +257,33 @@ class PolicyModule(pl.LightningModule):
         scheduler = self.lr_schedulers()
         world = self.trainer.world_size
         optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=self.device)
-        entropy_sum = torch.zeros((), device=self.device)
-        tokens = torch.zeros((), device=self.device)
-        metric_rows: list[tuple[dict[str, Tensor], Tensor]] = []
+        zero = torch.zeros((), device=self.device)
+        step_loss, entropy_sum, tokens = zero.clone(), zero.clone(), zero.clone()
+        # The loss's metrics over the whole step (micro-batches here, ranks below): loss parts are shares of
+        # the step-normalised loss and add up; */min and */max are extremes (a minimum kept as -max(-x));
+        # the other metrics are per-micro-batch means, weighted by the micro-batch's response tokens (every
+        # real micro-batch reports every key, padding ones none and have no tokens): exact for token means.
+        sums: dict[str, Tensor] = {}
+        highs: dict[str, Tensor] = {}
         for mb in batch.micro_batches:
             loss, metrics, ent, n = self._micro_step(mb, float(world))
             step_loss += loss
             entropy_sum += ent
             tokens += n
-            if metrics:
-                metric_rows.append((metrics, n))
+            for k, v in metrics.items():
+                if k.endswith(("/min", "/max")):
+                    v = -v if k.endswith("/min") else v
+                    highs[k] = torch.maximum(highs[k], v) if k in highs else v
+                else:
+                    sums[k] = sums.get(k, zero) + (v if k.startswith("loss/") else v * n)
         grad_norm = self._clip_gradients()
         optimizer.step()
         scheduler.step()
+        sum_keys, high_keys = self._loss_metric_keys(sums, highs)
         # Each rank's loss is its share of the step's normalised loss: the step loss is their sum.
-        totals = self.trainer.strategy.reduce(torch.stack([step_loss, entropy_sum, tokens]), reduce_op="sum")
+        reduce = self.trainer.strategy.reduce
+        stacked = torch.stack([step_loss, entropy_sum, tokens, *(sums.get(k, zero) for k in sum_keys)])
+        totals = reduce(stacked, reduce_op="sum")
         self._train_tokens += float(totals[2])
         logs = {
             "train/loss": totals[0],
@@ -283,46 +291,22 @@ class PolicyModule(pl.LightningModule):
             "train/grad_norm": grad_norm,
             "train/lr": torch.tensor(scheduler.get_last_lr()[0]),
         }
-        logs.update({f"train/{k}": v for k, v in self._step_metrics(metric_rows).items()})
+        for i, k in enumerate(sum_keys):
+            logs[f"train/{k}"] = totals[3 + i] if k.startswith("loss/") else totals[3 + i] / totals[2].clamp(min=1.0)
+        if high_keys:
+            high = reduce(torch.stack([highs.get(k, zero - math.inf) for k in high_keys]), reduce_op="max")
+            logs.update({f"train/{k}": -high[i] if k.endswith("/min") else high[i] for i, k in enumerate(high_keys)})
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
         self.log("loss", totals[0], prog_bar=True, on_step=True, on_epoch=False)
         return totals[0]
 
-    def _step_metrics(self, rows: list[tuple[dict[str, Tensor], Tensor]]) -> dict[str, Tensor]:
-        """The loss's metrics for the whole optimizer step, over this rank's micro-batches and all ranks.
-
-        ``rows`` = (metrics, response tokens) per micro-batch. Loss parts are shares of the step loss
-        (already step-normalised), so they are summed; ``*/min`` and ``*/max`` are the step's extremes; every
-        other metric is a per-micro-batch mean, averaged with the micro-batch's response tokens as weights
-        (exact for the token means such as ``ratio/mean``). Every rank takes part, also one whose
-        micro-batches were all padding (it has no metrics): the key set is gathered first.
-        """
-        keys = sorted({k for metrics, _ in rows for k in metrics})
-        keys = sorted(set().union(*all_gather_objects(keys)))
-        summed = [k for k in keys if k.startswith("loss/")]
-        extremes = [k for k in keys if k.endswith(("/min", "/max"))]
-        averaged = [k for k in keys if k not in summed and k not in extremes]
-        zero = torch.zeros((), device=self.device)
-
-        def pairs(k: str) -> list[tuple[Tensor, Tensor]]:
-            return [(metrics[k].detach().float(), n.float()) for metrics, n in rows if k in metrics]
-
-        # one sum-reduce for the sums and weighted means, one max-reduce for the extremes (min = -max(-x))
-        sums = [sum((v for v, _ in pairs(k)), zero) for k in summed]
-        sums += [sum((v * n for v, n in pairs(k)), zero) for k in averaged]
-        sums += [sum((n for _, n in pairs(k)), zero) for k in averaged]
-        sign = {k: -1.0 if k.endswith("/min") else 1.0 for k in extremes}
-        highs = [max((sign[k] * v for v, _ in pairs(k)), default=zero - math.inf) for k in extremes]
-        total = self.trainer.strategy.reduce(torch.stack(sums), reduce_op="sum") if sums else zero
-        high = torch.stack(highs) if highs else zero
-        if highs and torch.distributed.is_initialized() and self.trainer.world_size > 1:
-            torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-        out = {k: total[i] for i, k in enumerate(summed)}
-        n_avg = len(averaged)
-        for i, k in enumerate(averaged):
-            out[k] = total[len(summed) + i] / total[len(summed) + n_avg + i].clamp(min=1e-12)
-        out.update({k: sign[k] * high[i] for i, k in enumerate(extremes)})
-        return out
+    def _loss_metric_keys(self, sums: dict[str, Tensor], highs: dict[str, Tensor]) -> tuple[list[str], list[str]]:
+        """The loss's metric names in one order on every rank. A rank whose micro-batches were all padding
+        has none, so the first step gathers them from all ranks; they are fixed by the loss, so once is enough."""
+        if self._metric_keys is None:
+            gathered = all_gather_objects((sorted(sums), sorted(highs)))
+            self._metric_keys = tuple(sorted(set().union(*part)) for part in zip(*gathered, strict=True))
+        return self._metric_keys
 
     # ------------------------------------------------------------------ validation (trainer.validate)
     def on_validation_epoch_start(self) -> None:

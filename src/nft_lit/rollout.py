@@ -94,12 +94,24 @@ class RolloutBatch:
 @runtime_checkable
 class RolloutEngine(Protocol):
     def sync_weights(self, model: nn.Module) -> dict[str, float]:
-        """Make the engine sample from `model`'s current weights; returns timing/size metrics."""
+        """Make the engine sample from `model`'s current weights; returns metrics named `sync/<what>`."""
         ...
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], num_samples: int, sampling: SamplingParams) -> RolloutBatch:
         """Sample `num_samples` answers per prompt."""
         ...
+
+
+def pad_left(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to one width (generation continues from the right edge): ids and 0/1 mask."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
 
 
 def _check_prompts(prompt_ids: Sequence[Sequence[int]], num_samples: int) -> list[list[int]]:
@@ -215,12 +227,8 @@ class HFGenerateEngine:
         eos_ids: set[int],
     ) -> Iterator[tuple[list[int], list[float], bool]]:
         device = next(model.parameters()).device
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            input_ids[row, width - len(p) :] = torch.tensor(p)
-            attention_mask[row, width - len(p) :] = 1
+        input_ids, attention_mask = pad_left(prompts, pad_id)
+        width = input_ids.shape[1]
         # Every distribution-changing option is set explicitly: generate() fills unset ones from the model's
         # generation_config (e.g. Qwen2.5-Instruct ships top_k=20, repetition_penalty=1.05).
         sample_kwargs: dict[str, Any] = {

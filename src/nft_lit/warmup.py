@@ -29,6 +29,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from nft_lit.data import Problem
+from nft_lit.evaluation import sample_correctness
 from nft_lit.models import build_char_tokenizer, save_hf_folder, tiny_causal_lm
 from nft_lit.prompts import encode_prompt
 from nft_lit.reward import ExactMatchVerifier
@@ -136,11 +137,8 @@ def pass_rate(
     engine = HFGenerateEngine(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     engine.sync_weights(model)
     sampling = SamplingParams(temperature=0.0 if greedy else 1.0, max_new_tokens=max_new_tokens, seed=seed)
-    prompts = [encode_prompt(p.question, None, tokenizer) for p in problems]
-    batch = engine.generate(prompts, 1, sampling)
-    responses = [tokenizer.decode(ids, skip_special_tokens=True) for ids in batch.response_ids]
-    result = ExactMatchVerifier().score(responses, [p.answer for p in problems], batch.truncated)
-    return sum(result.rewards) / len(problems)
+    correct, _ = sample_correctness(problems, engine, tokenizer, None, ExactMatchVerifier(), 1, sampling)
+    return float(correct.sum()) / len(problems)
 
 
 def warmup(
