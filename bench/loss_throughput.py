@@ -10,14 +10,11 @@ forward/backward is identical for all of them. Goal from the issue: NFT costs no
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
+from common import median, meta, print_table, write_json
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -75,33 +72,22 @@ def main() -> None:
             times[name].append(time_once(loss, new, batch))
     rows = []
     for name in ALGORITHMS:
-        seconds = statistics.median(times[name])
-        rows.append({"algorithm": name, "seconds": seconds, "tokens_per_s": real_tokens / seconds})
+        seconds = median(times[name])
+        rows.append({"algorithm": name, "seconds": seconds, "ms": seconds * 1e3, "tokens_per_s": real_tokens / seconds})
     grpo = next(r for r in rows if r["algorithm"] == "grpo")["seconds"]
     for row in rows:
+        row["mtok_per_s"] = row["tokens_per_s"] / 1e6
         row["cost_vs_grpo"] = row["seconds"] / grpo
 
     print(
         f"loss fwd+bwd, B={args.answers} x T={args.tokens} ({real_tokens} response tokens), "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     )
-    print(f"{'algorithm':<10} {'ms/step':>10} {'Mtok/s':>10} {'x GRPO':>8}")
-    for row in rows:
-        print(
-            f"{row['algorithm']:<10} {row['seconds'] * 1e3:>10.1f} {row['tokens_per_s'] / 1e6:>10.2f} "
-            f"{row['cost_vs_grpo']:>8.2f}"
-        )
+    columns = [("algorithm", "algorithm", ""), ("ms", "ms/step", ".1f"), ("mtok_per_s", "Mtok/s", ".2f")]
+    print_table(rows, [*columns, ("cost_vs_grpo", "x GRPO", ".2f")])
     nft_ratio = next(r for r in rows if r["algorithm"] == "nft")["cost_vs_grpo"]
     print(f"NFT / GRPO cost: {nft_ratio:.2f} (goal <= 1.5): {'OK' if nft_ratio <= 1.5 else 'BEHIND'}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "date": str(date.today()),
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "answers": args.answers,
-        "tokens": args.tokens,
-    }
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_json(args.out, {"meta": meta(answers=args.answers, tokens=args.tokens), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import meta, print_table, run_worker, write_json
 
 SIZES = {
     # name: tiny_causal_lm arguments (head size >= 32 for vLLM's CPU attention)
@@ -83,50 +83,42 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer prompts and repeats (< 2 min)")
     parser.add_argument("--engines", default="hf,vllm", help="comma-separated: hf, vllm")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "rollout_throughput.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "rollout_throughput.json")
     parser.add_argument("--worker", nargs=4, metavar=("SIZE", "ENGINE", "PROMPTS", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         size, engine, prompts, repeats = args.worker
-        print(json.dumps(measure(size, engine, int(prompts), int(repeats))))
+        args.worker_out.write_text(json.dumps(measure(size, engine, int(prompts), int(repeats))))
         return 0
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     bad = [e for e in engines if e not in ("hf", "vllm")]
     if bad:
         parser.error(f"--engines: unknown {bad}; expected hf and/or vllm")
     num_prompts, repeats = (4, 1) if args.quick else (16, 3)
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the workers inherit it: vLLM in-process
     rows = []
     for size in SIZES:
         for engine in engines:
-            cmd = [sys.executable, __file__, "--worker", size, engine, str(num_prompts), str(repeats)]
-            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                print(done.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"benchmark worker {size}/{engine} failed (exit {done.returncode})")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            rows.append(run_worker(Path(__file__), ["--worker", size, engine, str(num_prompts), str(repeats)], 900))
             print(f"done {size}/{engine}", file=sys.stderr)
-    header = f"{'size':>5} {'engine':>6} {'params':>10} {'answers':>7} {'tok/s':>9} {'tok/ans':>7} {'gen s':>7} "
-    header += f"{'sync s':>8} {'start s':>7}"
-    print(header)
-    for r in rows:
-        print(
-            f"{r['size']:>5} {r['engine']:>6} {r['params']:>10,} {r['answers_per_generate']:>7} "
-            f"{r['tokens_per_s']:>9.0f} {r['mean_tokens_per_answer']:>7.1f} {r['generate_s']:>7.3f} "
-            f"{r['sync_s']:>8.4f} {r['startup_s']:>7.1f}"
-        )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "quick": args.quick,
-        "k": K,
-        "max_new_tokens": NEW_TOKENS,
-        "cpus": os.cpu_count(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "machine": platform.machine(),
-    }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    print_table(
+        rows,
+        [
+            ("size", "size", ""),
+            ("engine", "engine", ""),
+            ("params", "params", ","),
+            ("answers_per_generate", "answers", "d"),
+            ("tokens_per_s", "tok/s", ".0f"),
+            ("mean_tokens_per_answer", "tok/ans", ".1f"),
+            ("generate_s", "gen s", ".3f"),
+            ("sync_s", "sync s", ".4f"),
+            ("startup_s", "start s", ".1f"),
+        ],
+    )
+    info = meta(quick=args.quick, k=K, max_new_tokens=NEW_TOKENS, omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
+    write_json(args.out, {"meta": info, "rows": rows})
+    print(f"wrote {args.out}")
     return 0
 
 
