@@ -84,6 +84,25 @@ def run_worker(script: Path, args: list[str], timeout_s: float) -> dict[str, Any
         return json.loads(out.read_text())
 
 
+def quiet_trainer(**overrides: Any) -> Any:
+    """A one-device float32 Lightning Trainer with nothing but the work: no logger, checkpoints, progress bar,
+    model summary or validation. ``overrides`` are further ``pl.Trainer`` arguments (they win)."""
+    import lightning.pytorch as pl
+
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "precision": "32-true",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    return pl.Trainer(**{**settings, **overrides})
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
     """Print ``rows`` as a fixed-width table; ``columns`` = (key, header, format spec)."""
     widths = [max(len(header), 10) for _, header, _ in columns]

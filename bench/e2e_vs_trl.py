@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import median, meta, peak_rss_mib, print_table, run_worker, write_json
+from common import median, meta, peak_rss_mib, print_table, quiet_trainer, run_worker, write_json
 
 SCRIPT = Path(__file__).resolve()
 CONFIG_DIR = SCRIPT.parents[1] / "configs"
@@ -239,19 +239,7 @@ def run_nft_lit(setup: Setup, algorithm: str) -> dict[str, Any]:
             marks.append(time.perf_counter())
             stats.append(dict(datamodule.last_stats))
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_epochs=setup.iterations,
-        **ROLLOUT_TRAINER_SETTINGS,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[EpochClock()],
-    )
+    trainer = quiet_trainer(max_epochs=setup.iterations, **ROLLOUT_TRAINER_SETTINGS, callbacks=[EpochClock()])
     torch.manual_seed(setup.seed)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from common import meta, print_table, run_worker, write_json
+from common import meta, print_table, quiet_trainer, run_worker, write_json
 
 SCRIPT = Path(__file__).resolve()
 VARIANTS = ("sft", "nft", "grpo_kl")
@@ -118,7 +118,6 @@ def run_sft(model: Any, steps: list[Any]) -> None:
 
 
 def run_policy(model: Any, steps_fn: Any, loss: Any, device: str) -> dict[str, float]:
-    import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
     from nft_lit.module import PolicyModule
@@ -127,18 +126,7 @@ def run_policy(model: Any, steps_fn: Any, loss: Any, device: str) -> dict[str, f
     model.eval()
     steps = steps_fn(module.response_logprobs)  # the iteration's old log-prob pass
     model.train()
-    trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        precision="32-true",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(accelerator="gpu" if device == "cuda" else "cpu", max_epochs=1)
     loader = DataLoader(steps, batch_size=None, shuffle=False, collate_fn=lambda x: x)
     trainer.fit(module, train_dataloaders=loader)
     return {"reference_model": float(module.ref_model is not None), "optimizer_steps": float(trainer.global_step)}

@@ -29,7 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from common import median, meta, print_table, synthetic_steps, write_json
+from common import median, meta, print_table, quiet_trainer, synthetic_steps, write_json
 from torch.utils.data import DataLoader, Dataset
 
 from nft_lit.datamodule import StepBatch
@@ -107,20 +107,7 @@ def run_lightning(model: torch.nn.Module, steps: list[StepBatch], n: int) -> tup
             marks.append(clock())
 
     module = new_module(model)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        precision="32-true",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        log_every_n_steps=1,
-        callbacks=[Clock()],
-    )
+    trainer = quiet_trainer(max_epochs=1, log_every_n_steps=1, callbacks=[Clock()])
     loader = DataLoader(_Steps(steps, n + 1), batch_size=None, shuffle=False, collate_fn=lambda x: x)
     trainer.fit(module, train_dataloaders=loader)
     # The first step pays for start-up; the others are full steps between consecutive batch ends.
