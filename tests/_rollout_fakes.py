@@ -1,4 +1,5 @@
-"""Test doubles for the rollout side: a seeded random-token engine and a parity verifier.
+"""Test doubles for the rollout side (a seeded random-token engine, a parity verifier) and the helpers the
+rollout, module and CLI tests share (Hydra overrides, logged metric names, the trainer's log-prob recompute).
 
 They implement the ``RolloutEngine`` / ``Verifier`` protocols (docs/ARCHITECTURE.md) with outputs that depend
 only on (prompt, answer index, seed), never on the rank or batch layout, so distributed and resumed runs can
@@ -140,3 +141,25 @@ def make_datamodule(**overrides):
     )
     kwargs.update(overrides)
     return RolloutDataModule(**kwargs)
+
+
+def recompute_logprobs(model, prompts, batch, temperature: float) -> list[torch.Tensor]:
+    """What the trainer computes for a RolloutBatch: one unpadded teacher-forced forward per answer."""
+    out = []
+    with torch.no_grad():
+        for n, response in enumerate(batch.response_ids):
+            prompt = prompts[n // batch.num_samples]
+            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
+            lp = (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+            out.append(lp)
+    return out
+
+
+def padded_logprobs(batch, model, prompts, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(engine, trainer, mask) log-prob tensors [N, T]: what the training loop feeds to logprob_gap."""
+    trainer = recompute_logprobs(model, prompts, batch, temperature)
+    width = max(len(r) for r in batch.response_ids)
+    eng, ref, mask = (torch.zeros(len(trainer), width) for _ in range(3))
+    for n, (lp, r) in enumerate(zip(batch.logprobs, trainer, strict=True)):
+        eng[n, : len(lp)], ref[n, : len(r)], mask[n, : len(r)] = torch.tensor(lp), r, 1
+    return eng, ref, mask

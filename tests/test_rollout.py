@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _rollout_fakes import padded_logprobs, recompute_logprobs
 
 from nft_lit.models import build_char_tokenizer, tiny_causal_lm
 from nft_lit.rollout import (
@@ -33,18 +34,6 @@ def model(request, tokenizer):
 @pytest.fixture(scope="module")
 def prompts(tokenizer):
     return [tokenizer(text).input_ids for text in ("12+34=", "1+2=", "999+1=")]
-
-
-def recompute_logprobs(model, prompts, batch: RolloutBatch, temperature: float) -> list[torch.Tensor]:
-    """What the trainer computes: one unpadded teacher-forced forward per answer."""
-    out = []
-    with torch.no_grad():
-        for n, response in enumerate(batch.response_ids):
-            prompt = prompts[n // batch.num_samples]
-            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1]
-            lp = (logits / temperature).log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
-            out.append(lp)
-    return out
 
 
 def test_engine_satisfies_protocol():
@@ -171,13 +160,7 @@ def test_skipped_sync_is_detected_by_gap(prompts, tokenizer):
     sampling = SamplingParams(max_new_tokens=8, seed=0)
 
     def gap_against_trained() -> float:
-        batch = engine.generate(prompts, 4, sampling)
-        ref = recompute_logprobs(trained, prompts, batch, 1.0)
-        width = max(len(r) for r in batch.response_ids)
-        eng, tr, mask = (torch.zeros(len(ref), width) for _ in range(3))
-        for n, (lp, r) in enumerate(zip(batch.logprobs, ref, strict=True)):
-            eng[n, : len(lp)], tr[n, : len(r)], mask[n, : len(r)] = torch.tensor(lp), r, 1
-        return logprob_gap(eng, tr, mask)
+        return logprob_gap(*padded_logprobs(engine.generate(prompts, 4, sampling), trained, prompts, 1.0))
 
     engine.sync_weights(stale)  # the deliberately skipped sync
     stale_gap = gap_against_trained()

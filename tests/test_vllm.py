@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
+from _rollout_fakes import padded_logprobs
 
 from nft_lit import rollout
 from nft_lit.models import build_char_tokenizer, save_hf_folder, tiny_causal_lm
 from nft_lit.rollout import (
     LogprobGapError,
-    RolloutBatch,
     SamplingParams,
     VLLMEngine,
     VLLMError,
@@ -51,25 +51,8 @@ def prompts(tokenizer):
     return [tokenizer(text).input_ids for text in ("12+34=", "1+2=", "999+1=")]
 
 
-def padded(batch: RolloutBatch, model, prompts, temperature: float):
-    """(engine, trainer, mask) tensors [N, T]: what the training loop feeds to logprob_gap."""
-    width = max(len(r) for r in batch.response_ids)
-    eng, ref, mask = (torch.zeros(len(batch.response_ids), width) for _ in range(3))
-    with torch.no_grad():
-        for n, response in enumerate(batch.response_ids):
-            prompt = prompts[n // batch.num_samples]
-            logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1] / temperature
-            lp = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
-            eng[n, : len(response)], ref[n, : len(response)], mask[n, : len(response)] = (
-                torch.tensor(batch.logprobs[n]),
-                lp,
-                1,
-            )
-    return eng, ref, mask
-
-
 def max_abs_diff(batch, model, prompts, temperature):
-    eng, ref, mask = padded(batch, model, prompts, temperature)
+    eng, ref, mask = padded_logprobs(batch, model, prompts, temperature)
     return ((eng - ref).abs() * mask).max().item()
 
 
@@ -164,11 +147,11 @@ def test_skipped_sync_detected_by_gap(engine, prompts):
     engine.sync_weights(model)
     perturb(model, scale=0.05)  # an optimizer phase whose sync is skipped
     sampling = SamplingParams(max_new_tokens=10, seed=4)
-    stale_gap = logprob_gap(*padded(engine.generate(prompts, 4, sampling), model, prompts, 1.0))
+    stale_gap = logprob_gap(*padded_logprobs(engine.generate(prompts, 4, sampling), model, prompts, 1.0))
     with pytest.raises(LogprobGapError):
         check_logprob_gap(stale_gap, max_gap=1e-3)
     engine.sync_weights(model)
-    synced_gap = logprob_gap(*padded(engine.generate(prompts, 4, sampling), model, prompts, 1.0))
+    synced_gap = logprob_gap(*padded_logprobs(engine.generate(prompts, 4, sampling), model, prompts, 1.0))
     check_logprob_gap(synced_gap, max_gap=1e-3)
     assert synced_gap < 1e-5 < stale_gap
 
@@ -181,4 +164,4 @@ def test_truncated_sampling_reports_nan_not_wrong_logprobs(engine, prompts):
     batch = engine.generate(prompts, 2, SamplingParams(top_p=0.7, max_new_tokens=6, seed=5))
     assert all(len(ids) == len(lps) for ids, lps in zip(batch.response_ids, batch.logprobs, strict=True))
     with pytest.raises(ValueError, match="NaN"):
-        logprob_gap(*padded(batch, model, prompts, 1.0))
+        logprob_gap(*padded_logprobs(batch, model, prompts, 1.0))
