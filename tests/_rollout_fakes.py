@@ -119,19 +119,25 @@ def addition_problems(size: int = 60, seed: int = 0) -> list[FakeProblem]:
     return [FakeProblem(f"add/{i}", f"{a}+{b}=", str(a + b)) for i, (a, b) in enumerate(pairs[:size])]
 
 
-def make_datamodule(**overrides):
-    """A RolloutDataModule over 40 problems with the fake engine and parity verifier."""
-    from nft_lit.datamodule import RolloutDataModule
+def make_sampler(**overrides):
+    """A Sampler with the fake engine and parity verifier over the 1-digit addition alphabet."""
     from nft_lit.models import build_char_tokenizer
+    from nft_lit.sampler import Sampler
 
     tok = build_char_tokenizer("0123456789+=")
     engine = FakeEngine([tok.convert_tokens_to_ids(c) for c in "0123456789"], tok.eos_token_id)
+    kwargs = dict(engine=engine, tokenizer=tok, verifier=ParityVerifier(), prompt_template=None)
+    kwargs.update(overrides)
+    return Sampler(**kwargs)
+
+
+def make_datamodule(**overrides):
+    """A RolloutDataModule over 40 problems with the fake engine and parity verifier."""
+    from nft_lit.datamodule import RolloutDataModule
+
     kwargs = dict(
         problems=addition_problems(40),
-        engine=engine,
-        tokenizer=tok,
-        prompt_template=None,
-        verifier=ParityVerifier(),
+        sampler=make_sampler(),
         sampling=FakeSampling(),
         prompts_per_step=4,
         num_answers=4,

@@ -16,8 +16,6 @@ import nft_lit
 CONFIG_DIR = Path(nft_lit.__file__).resolve().parents[2] / "configs"
 """The repo's configs/ folder (the package is installed editable from src/)."""
 
-KNOWN_ALGORITHMS = ("nft", "rft", "grpo", "dr_grpo", "dapo", "infonca")
-
 # sub-command -> "module:function"; each function takes the remaining argv and returns an exit code.
 # Imports are lazy so `nft-lit verify` does not pay for importing torch/lightning/vllm.
 _COMMANDS = {
@@ -66,37 +64,16 @@ def _import_target(target: str) -> Any:
 
 
 def check_config(cfg: Any) -> None:
-    """Fail at start, naming the option, on configurations that cannot train correctly."""
+    """Fail at start, naming the option, on what the composed config lacks or points to that does not exist.
+
+    Rules on values (K >= 2, ε > 0, the overlong buffer, a loss's needs of the data) live with the objects
+    that take them (``RolloutSettings``, ``StepLayout``, the losses, ``check_loss_fits``) and are checked when
+    ``build_fit`` creates those objects, so the Hydra and LightningCLI front ends share them.
+    """
     from omegaconf import OmegaConf
 
-    algo = cfg.algorithm
-    if algo.get("name") not in KNOWN_ALGORITHMS:
-        raise ConfigError(f"algorithm.name={algo.get('name')!r} is unknown; expected one of {KNOWN_ALGORITHMS}")
-    loss_cfg = algo.loss
-    if "epsilon" in loss_cfg and not loss_cfg.epsilon > 0:
-        raise ConfigError(f"algorithm.loss.epsilon must be > 0 (NFT's negative-ratio floor), got {loss_cfg.epsilon}")
-    k = algo.num_answers
-    if algo.dynamic_sampling and k < 2:
-        raise ConfigError(
-            f"algorithm.dynamic_sampling=true needs algorithm.num_answers (K) >= 2 (a group of one answer is"
-            f" never mixed), got {k}"
-        )
-    if k < 2:
-        raise ConfigError(f"algorithm.num_answers (K) must be >= 2 for group statistics, got {k}")
-    loss_cls = _import_target(loss_cfg._target_)
-    if getattr(loss_cls, "requires_binary_rewards", False) and algo.get("overlong_buffer") is not None:
-        raise ConfigError(
-            f"algorithm.overlong_buffer={algo.overlong_buffer} makes rewards non-binary, but {loss_cls.__name__}"
-            f" ({algo.name}) needs binary rewards (paper Eq. 10): set algorithm.overlong_buffer=null"
-        )
-    buffer, max_len = algo.get("overlong_buffer"), cfg.sampling.max_new_tokens
-    if buffer is not None and not 0 < buffer <= max_len:
-        raise ConfigError(
-            f"algorithm.overlong_buffer={buffer} must be in (0, sampling.max_new_tokens={max_len}]"
-            " (DAPO penalises the last `buffer` tokens of the response budget)"
-        )
-    if getattr(loss_cls, "requires_whole_groups", False) and not cfg.datamodule.whole_groups:
-        raise ConfigError(f"{loss_cls.__name__} needs whole groups per micro-batch: set datamodule.whole_groups=true")
+    if not issubclass(_import_target(cfg.algorithm.loss._target_), _import_target("nft_lit.losses.PolicyLoss")):
+        raise ConfigError(f"algorithm.loss._target_={cfg.algorithm.loss._target_} is not a nft_lit.losses.PolicyLoss")
     if cfg.get("data") is None or cfg.data.get("problems") is None:
         raise ConfigError("data: no training data selected; pass data=<name> (configs/data) or an experiment")
     data_dir = cfg.data.get("data_dir")
@@ -110,6 +87,21 @@ def check_config(cfg: Any) -> None:
         raise ConfigError("model: no model selected; pass model=<name> (configs/model) or an experiment")
     if cfg.get("rollout") is None:
         raise ConfigError("rollout: no rollout engine selected; pass rollout=<name> (configs/rollout)")
+
+
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` whose constructor errors surface as a ``ConfigError`` with their message
+    (which names the option), not as a wrapped instantiation traceback."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, _convert_="object", **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ValueError | TypeError):
+            raise ConfigError(str(cause)) from cause
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -134,11 +126,10 @@ def _run_hydra(argv: list[str], task: Any) -> int:
     return 0
 
 
-def build_callbacks(cfg: Any) -> list[Any]:
-    from hydra.utils import instantiate
+def build_callbacks(cfg: Any, evaluation: Any | None) -> list[Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from nft_lit.evaluation import Benchmark, HeldOutEvaluation
+    from nft_lit.evaluation import HeldOutEvaluation
     from nft_lit.module import PhaseProgressBar
 
     callbacks: list[Any] = [
@@ -153,23 +144,8 @@ def build_callbacks(cfg: Any) -> list[Any]:
         ),
         LearningRateMonitor(logging_interval="step"),
     ]
-    if cfg.eval.heldout is not None:
-        bench = Benchmark(
-            name=cfg.eval.name,
-            problems=instantiate(cfg.eval.heldout),
-            num_samples=cfg.eval.num_samples,
-            sampling=instantiate(cfg.eval.sampling),
-            pass_k=tuple(cfg.eval.pass_k),
-        )
-        callbacks.append(
-            HeldOutEvaluation(
-                [bench],
-                sampling=bench.sampling,
-                every_n_iterations=cfg.eval.every_n_iterations,
-                at_start=cfg.eval.at_start,
-                batch_prompts=cfg.eval.batch_prompts,
-            )
-        )
+    if evaluation is not None:
+        callbacks.append(HeldOutEvaluation(evaluation, cfg.eval.every_n_iterations, cfg.eval.at_start))
     return callbacks
 
 
@@ -184,10 +160,11 @@ def build_loggers(cfg: Any) -> list[Any]:
     return loggers
 
 
-def build_trainer(cfg: Any, **overrides: Any) -> Any:
+def build_trainer(cfg: Any, evaluation: Any | None = None, **overrides: Any) -> Any:
     from hydra.utils import instantiate
 
-    return instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=build_loggers(cfg), **overrides)
+    callbacks = build_callbacks(cfg, evaluation)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg), **overrides)
 
 
 def _ckpt_path(cfg: Any) -> str | None:
@@ -199,19 +176,37 @@ def _ckpt_path(cfg: Any) -> str | None:
     return str(path)
 
 
+def build_fit(cfg: Any) -> tuple[Any, Any, Any | None]:
+    """(module, datamodule, held-out evaluation or None) of a composed config; fails at start on bad values.
+
+    The sampler is built once and shared by the datamodule's rollouts and the held-out evaluation.
+    """
+    from nft_lit.evaluation import Evaluation
+    from nft_lit.iteration import check_loss_fits
+
+    check_config(cfg)
+    module = _instantiate(cfg.module)
+    sampler = _instantiate(cfg.sampler)
+    datamodule = _instantiate(cfg.datamodule, sampler=sampler)
+    try:
+        check_loss_fits(module.loss_fn, datamodule.settings, datamodule.layout.whole_groups)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    benchmarks = build_benchmarks(cfg, fallback_to_data=False)
+    evaluation = Evaluation(benchmarks, sampler, cfg.eval.batch_prompts) if benchmarks else None
+    return module, datamodule, evaluation
+
+
 def run_fit(cfg: Any) -> dict[str, float]:
     """Build everything from the composed config and train; returns the trainer's last logged metrics."""
     import lightning.pytorch as pl
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    check_config(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True)  # before building: nothing random may run unseeded
+    module, datamodule, evaluation = build_fit(cfg)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    module = instantiate(cfg.module, _convert_="object")
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    datamodule = instantiate(cfg.datamodule, _convert_="object")
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, evaluation)
     ckpt = _ckpt_path(cfg)
     if ckpt == "last" and not (Path(cfg.run_dir) / "checkpoints" / "last.ckpt").exists():
         raise ConfigError(f"ckpt_path=last but {Path(cfg.run_dir) / 'checkpoints' / 'last.ckpt'} does not exist")
@@ -242,54 +237,64 @@ def load_policy(ckpt_path: str) -> tuple[Any, Any]:
     if "nft_lit_config" not in ckpt:
         raise ConfigError(f"ckpt_path={ckpt_path} was not written by `nft-lit fit` (no nft_lit_config inside)")
     run_cfg = OmegaConf.create(ckpt["nft_lit_config"])
+    # Checkpoints written before the sampling temperature became the one source of the log-prob temperature
+    # (StepBatch.temperature) still carry it as a module argument.
+    run_cfg.module.pop("temperature", None)
     module = instantiate(run_cfg.module, _convert_="object")
     module.configure_model()
     module.load_state_dict(ckpt["state_dict"])
     return module, run_cfg
 
 
-def build_benchmarks(cfg: Any) -> list[Any]:
-    """The ``validate.benchmarks`` data configs (or the selected ``data``) with their evaluation protocol."""
-    from hydra.utils import instantiate
+def build_benchmarks(cfg: Any, fallback_to_data: bool) -> list[Any]:
+    """The benchmarks of the ``eval`` node, the one place evaluation is configured for ``fit`` and ``validate``.
+
+    ``eval.heldout`` (a problem-set node, evaluated greedily as ``eval.name`` unless overridden) and the data
+    configs named in ``eval.benchmarks`` (each with its own protocol: ``eval_samples``, ``eval_temperature``,
+    ``eval_top_p``); ``eval.num_samples`` / ``temperature`` / ``top_p`` override every benchmark. With neither,
+    ``validate`` (``fallback_to_data``) evaluates the selected ``data`` and ``fit`` evaluates nothing.
+    """
     from omegaconf import OmegaConf
 
     from nft_lit.evaluation import Benchmark
     from nft_lit.rollout import SamplingParams
 
-    v = cfg.validate
-    if v.benchmarks is None:
-        nodes = [cfg.data]
-    else:
-        nodes = []
-        for name in v.benchmarks:
-            path = CONFIG_DIR / "data" / f"{name}.yaml"
-            if not path.is_file():
-                known = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
-                raise ConfigError(f"validate.benchmarks: no data config {name!r}; expected one of {known}")
-            nodes.append(OmegaConf.load(path))
+    e = cfg.eval
+    # (name, problem-set node, protocol defaults)
+    sources: list[tuple[str, Any, Any]] = []
+    if e.heldout is not None:
+        sources.append((str(e.name), e.heldout, {"eval_samples": 1, "eval_temperature": 0.0, "eval_top_p": 1.0}))
+    for name in e.benchmarks or []:
+        path = CONFIG_DIR / "data" / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
+            raise ConfigError(f"eval.benchmarks: no data config {name!r}; expected one of {known}")
+        node = OmegaConf.load(path)
+        sources.append((str(node.name), node.problems, node))
+    if not sources and fallback_to_data:
+        sources.append((str(cfg.data.name), cfg.data.problems, cfg.data))
 
-    def pick(override: Any, node: Any, key: str, default: Any) -> Any:
-        return override if override is not None else node.get(key, default)
+    def pick(override: Any, protocol: Any, key: str, default: Any) -> Any:
+        return override if override is not None else protocol.get(key, default)
 
     benchmarks = []
-    for node in nodes:
-        k = int(pick(v.num_samples, node, "eval_samples", 1))
+    for name, problems, protocol in sources:
+        k = int(pick(e.num_samples, protocol, "eval_samples", 1))
         sampling = SamplingParams(
-            temperature=float(pick(v.temperature, node, "eval_temperature", cfg.sampling.temperature)),
-            top_p=float(pick(v.top_p, node, "eval_top_p", 1.0)),
-            max_new_tokens=int(v.max_new_tokens),
-            seed=v.seed,
+            temperature=float(pick(e.temperature, protocol, "eval_temperature", cfg.sampling.temperature)),
+            top_p=float(pick(e.top_p, protocol, "eval_top_p", 1.0)),
+            max_new_tokens=int(e.max_new_tokens),
+            seed=e.seed,
         )
-        pass_k = tuple(j for j in v.pass_k if j <= k)
-        benchmarks.append(Benchmark(str(node.name), instantiate(node.problems), k, sampling, pass_k))
+        pass_k = tuple(j for j in e.pass_k if j <= k)
+        benchmarks.append(Benchmark(name, _instantiate(problems), sampling, k, pass_k))
     return benchmarks
 
 
 def run_validate(cfg: Any) -> dict[str, float]:
-    """Evaluate ``ckpt_path`` on ``validate.benchmarks`` (or the selected ``data``); log and write JSON."""
-    from hydra.utils import instantiate
-
-    from nft_lit.evaluation import evaluate_benchmarks, write_results
+    """Evaluate ``ckpt_path`` (or a base ``model``) on the ``eval`` benchmarks; log and write JSON."""
+    from nft_lit.evaluation import Evaluation, write_results
+    from nft_lit.sampler import Sampler
 
     if cfg.get("ckpt_path") is not None:
         module, run_cfg = load_policy(str(cfg.ckpt_path))
@@ -298,24 +303,22 @@ def run_validate(cfg: Any) -> dict[str, float]:
         # no checkpoint: evaluate the configured model itself (the base policy's "before" numbers)
         from nft_lit.models import load_model
 
-        model, run_cfg = load_model(instantiate(cfg.model)).eval(), cfg
+        model, run_cfg = load_model(_instantiate(cfg.model)).eval(), cfg
     else:
         raise ConfigError("validate needs ckpt_path=<checkpoint file>, or model=<config> to evaluate a base model")
-    benchmarks = build_benchmarks(cfg)
-    base = benchmarks[0].sampling
-    engine = instantiate(run_cfg.rollout if cfg.get("rollout") is None else cfg.rollout)
-    if not hasattr(engine, "generate"):
-        engine = engine()
-    engine.sync_weights(model)
-    tokenizer = instantiate(run_cfg.tokenizer)
-    template = instantiate(run_cfg.prompt) if run_cfg.get("prompt") is not None else None
-    verifier = instantiate(cfg.reward.verifier)
-    results = evaluate_benchmarks(benchmarks, engine, tokenizer, template, verifier, base, cfg.validate.batch_prompts)
+    sampler = Sampler(
+        engine=_instantiate(cfg.rollout),
+        tokenizer=_instantiate(run_cfg.tokenizer),
+        verifier=_instantiate(cfg.reward.verifier),
+        prompt_template=_instantiate(run_cfg.prompt) if run_cfg.get("prompt") is not None else None,
+    )
+    evaluation = Evaluation(build_benchmarks(cfg, fallback_to_data=True), sampler, cfg.eval.batch_prompts)
+    results = evaluation.run(model)
     for logger in build_loggers(cfg):
         logger.log_metrics({f"validate/{k}": v for k, v in results.items()}, step=0)
         logger.finalize("success")
     path = write_results(
-        results, cfg.validate.out, {"ckpt_path": str(cfg.get("ckpt_path")), "model": str(cfg.get("model"))}
+        results, cfg.eval.out, {"ckpt_path": str(cfg.get("ckpt_path")), "model": str(cfg.get("model"))}
     )
     for key, value in sorted(results.items()):
         print(f"{key:<40} {value:.4f}")
@@ -350,9 +353,16 @@ def lightning_cli_command(argv: list[str]) -> int:
     from lightning.pytorch.cli import LightningCLI
 
     from nft_lit.datamodule import ROLLOUT_TRAINER_SETTINGS, RolloutDataModule
+    from nft_lit.iteration import check_loss_fits
     from nft_lit.module import PolicyModule
 
-    LightningCLI(
+    class RolloutCLI(LightningCLI):
+        # The same check `nft-lit fit` makes after building (build_fit): a loss's needs of the data.
+        def before_fit(self) -> None:
+            dm = self.datamodule
+            check_loss_fits(self.model.loss_fn, dm.settings, dm.layout.whole_groups)
+
+    RolloutCLI(
         PolicyModule,
         RolloutDataModule,
         args=argv,

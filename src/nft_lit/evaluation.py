@@ -18,14 +18,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from nft_lit.data import Problem
-from nft_lit.datamodule import shard_batches
-from nft_lit.prompts import PromptTemplate, encode_prompt
-from nft_lit.reward import Verifier
-from nft_lit.rollout import RolloutEngine, SamplingParams
+from nft_lit.distributed import shard_batches
+from nft_lit.rollout import SamplingParams
+from nft_lit.sampler import Sampler
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -101,15 +100,15 @@ class Benchmark:
     Args:
         name: key of the logged metrics (``val/<name>/avg@k``).
         problems: the problems.
-        num_samples: samples per problem (k of avg@k; the paper: 32 for AIME/AMC, 1 elsewhere).
         sampling: sampling parameters (paper: top-p 0.7, temperature 1.0 or 0.6); ``temperature=0`` is greedy.
+        num_samples: samples per problem (k of avg@k; the paper: 32 for AIME/AMC, 1 elsewhere).
         pass_k: the k values of pass@k to report (each <= num_samples).
     """
 
     name: str
     problems: Sequence[Problem]
+    sampling: SamplingParams
     num_samples: int = 1
-    sampling: SamplingParams | None = None
     pass_k: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -124,52 +123,25 @@ class Benchmark:
             raise ValueError(f"benchmark {self.name}: the problem set is empty")
 
 
-def sample_correctness(
-    problems: Sequence[Problem],
-    engine: RolloutEngine,
-    tokenizer: Any,
-    prompt_template: PromptTemplate | None,
-    verifier: Verifier,
-    num_samples: int,
-    sampling: SamplingParams,
-) -> tuple[Tensor, int]:
-    """Generate ``num_samples`` answers per problem and verify them: (correct [P, k] in {0, 1}, answer tokens)."""
-    prompts = [encode_prompt(p.question, prompt_template, tokenizer) for p in problems]
-    out = engine.generate(prompts, num_samples, sampling)
-    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in out.response_ids]
-    golds = [p.answer for p in problems for _ in range(num_samples)]
-    result = verifier.score(texts, golds, list(out.truncated))
-    correct = torch.tensor(result.rewards, dtype=torch.float32).view(len(problems), num_samples)
-    return correct, sum(len(r) for r in out.response_ids)
+def evaluate_benchmark(benchmark: Benchmark, sampler: Sampler, batch_prompts: int = 64) -> dict[str, float]:
+    """avg@k and pass@k of ``benchmark`` (all ranks summed), with its seconds and answer tokens.
 
-
-def evaluate_benchmark(
-    benchmark: Benchmark,
-    engine: RolloutEngine,
-    tokenizer: Any,
-    prompt_template: PromptTemplate | None,
-    verifier: Verifier,
-    default_sampling: SamplingParams,
-    batch_prompts: int = 64,
-) -> dict[str, float]:
-    """Generate ``num_samples`` answers per problem, verify, and return avg@k / pass@k (all ranks summed).
-
-    The engine must already hold the weights to evaluate (``engine.sync_weights``). Every rank must call
-    this (collectives); each generates its own shard of the problems.
+    The one evaluation path: the in-training held-out curve, Lightning's validation loop (``nft-lit cli
+    validate``) and ``nft-lit validate`` all come here. The sampler's engine must already hold the weights
+    to evaluate (``Sampler.sync``). Every rank must call this (collectives); each samples its own shard.
     """
-    sampling = benchmark.sampling or default_sampling
     k = benchmark.num_samples
     avg = AvgAtK()
     passes = {j: PassAtK(j) for j in benchmark.pass_k}
     t0 = time.perf_counter()
     tokens = 0
     for chunk, real in shard_batches(benchmark.problems, batch_prompts):
-        correct, n = sample_correctness(chunk, engine, tokenizer, prompt_template, verifier, k, sampling)
+        answers = sampler.sample(chunk, k, benchmark.sampling)
         if real:
-            avg.update(correct[:real])
-            for m in passes.values():
-                m.update(correct[:real])
-            tokens += n
+            correct = torch.tensor(answers.correct, dtype=torch.float32).view(len(chunk), k)[:real]
+            for metric in (avg, *passes.values()):
+                metric.update(correct)
+            tokens += answers.num_tokens
     # Metric.compute() sums the states over ranks when torch.distributed is initialised.
     results = {f"avg@{k}": float(avg.compute())}
     results.update({f"pass@{j}": float(m.compute()) for j, m in passes.items()})
@@ -178,24 +150,35 @@ def evaluate_benchmark(
     return results
 
 
-def evaluate_benchmarks(
-    benchmarks: Sequence[Benchmark],
-    engine: RolloutEngine,
-    tokenizer: Any,
-    prompt_template: PromptTemplate | None,
-    verifier: Verifier,
-    default_sampling: SamplingParams,
-    batch_prompts: int = 64,
-) -> dict[str, float]:
-    """Flat ``{"<bench>/avg@k": ..., "average/avg": ...}``; the average is over benchmarks' avg@k."""
-    out: dict[str, float] = {}
-    headline = []
-    for b in benchmarks:
-        res = evaluate_benchmark(b, engine, tokenizer, prompt_template, verifier, default_sampling, batch_prompts)
-        out.update({f"{b.name}/{key}": value for key, value in res.items()})
-        headline.append(res[f"avg@{b.num_samples}"])
-    out["average/avg"] = sum(headline) / len(headline)
-    return out
+@dataclass
+class Evaluation:
+    """Benchmarks and the sampler that evaluates a policy on them: ``run(policy)`` is the whole evaluation.
+
+    Built once per run (``nft-lit fit`` / ``validate``, or the DataModule's ``val_benchmarks`` under
+    LightningCLI) and shared with the training rollouts through the same ``Sampler``.
+    """
+
+    benchmarks: Sequence[Benchmark]
+    sampler: Sampler
+    batch_prompts: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.benchmarks:
+            raise ValueError("Evaluation: no benchmark to evaluate")
+        if self.batch_prompts < 1:
+            raise ValueError(f"eval.batch_prompts must be >= 1, got {self.batch_prompts}")
+
+    def run(self, policy: nn.Module) -> dict[str, float]:
+        """Flat ``{"<bench>/avg@k": ..., "average/avg": ...}``; the average is over benchmarks' avg@k."""
+        self.sampler.sync(policy)
+        out: dict[str, float] = {}
+        headline = []
+        for b in self.benchmarks:
+            res = evaluate_benchmark(b, self.sampler, self.batch_prompts)
+            out.update({f"{b.name}/{key}": value for key, value in res.items()})
+            headline.append(res[f"avg@{b.num_samples}"])
+        out["average/avg"] = sum(headline) / len(headline)
+        return out
 
 
 def write_results(results: dict[str, float], path: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -207,49 +190,23 @@ def write_results(results: dict[str, float], path: str | Path, extra: dict[str, 
 
 
 class HeldOutEvaluation(pl.Callback):
-    """In-training validation on held-out benchmarks every ``every_n_iterations`` iterations.
+    """In-training evaluation every ``every_n_iterations`` iterations (and before the first when
+    ``at_start``): logs ``val/<bench>/avg@k`` (and pass@k) against the global step.
 
-    Uses the datamodule's engine, tokenizer, prompt template and verifier, so it evaluates exactly the
-    policy being trained; logs ``val/<bench>/avg@k`` (and pass@k) against the global step.
-
-    Args:
-        benchmarks: the held-out sets.
-        every_n_iterations: evaluate after every n-th iteration (and before the first when ``at_start``).
-        at_start: also evaluate the initial policy.
-        sampling: default sampling of the benchmarks without their own (``temperature=0`` is greedy).
-        batch_prompts: prompts per ``generate`` call.
+    The ``evaluation``'s sampler is the one the training rollouts use, so it evaluates exactly the policy
+    being trained (``pl_module.model``, handed to ``Evaluation.run``).
     """
 
-    def __init__(
-        self,
-        benchmarks: Sequence[Benchmark],
-        sampling: SamplingParams,
-        every_n_iterations: int = 1,
-        at_start: bool = True,
-        batch_prompts: int = 64,
-    ) -> None:
+    def __init__(self, evaluation: Evaluation, every_n_iterations: int = 1, at_start: bool = True) -> None:
         if every_n_iterations < 1:
             raise ValueError(f"eval.every_n_iterations must be >= 1, got {every_n_iterations}")
-        self.benchmarks = list(benchmarks)
-        self.sampling = sampling
+        self.evaluation = evaluation
         self.every_n_iterations = every_n_iterations
         self.at_start = at_start
-        self.batch_prompts = batch_prompts
         self.history: list[dict[str, float]] = []
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        dm = trainer.datamodule
-        dm.setup("fit")
-        dm.engine.sync_weights(pl_module.model)
-        results = evaluate_benchmarks(
-            self.benchmarks,
-            dm.engine,
-            dm.tokenizer,
-            dm.prompt_template,
-            dm.verifier,
-            self.sampling,
-            self.batch_prompts,
-        )
+        results = self.evaluation.run(pl_module.model)
         self.history.append({"step": float(trainer.global_step), **results})
         # Straight to the loggers at the current global step rather than through self.log(on_epoch=True):
         # Lightning would average the at-start evaluation with the end of iteration 0 into one point, and

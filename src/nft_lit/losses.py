@@ -112,10 +112,45 @@ class LossBatch:
         return replace(self, **{name: t.to(device) for name, t in tensors.items()})
 
 
+Reduction = Literal["sum", "token_mean", "min", "max"]
+"""How a loss metric combines over the micro-batches and ranks of an optimizer step: ``sum`` (shares of the
+step-normalised loss add up), ``token_mean`` (a per-micro-batch mean weighted by its response tokens: exact for
+token means), ``min`` / ``max`` (extremes)."""
+
+
 @dataclass
 class LossOutput:
     loss: Tensor  # scalar
     metrics: dict[str, Tensor] = field(default_factory=dict)  # detached scalars, this micro-batch's values
+    reductions: dict[str, Reduction] = field(default_factory=dict)  # one per metric: how the step combines it
+
+    def __post_init__(self) -> None:
+        undeclared = sorted(set(self.metrics) - set(self.reductions))
+        if undeclared:
+            raise ValueError(f"LossOutput: metrics {undeclared} declare no reduction (one of {get_args(Reduction)})")
+
+
+class StepMetrics:
+    """The loss metrics of one optimizer step on this rank, combined over its micro-batches by each metric's
+    declared ``Reduction``. ``sums`` holds ``sum`` metrics and token-weighted ``token_mean`` metrics (divide by
+    the step's tokens after the cross-rank sum); ``highs`` holds maxima, a minimum kept as −max(−x), so that
+    one max-reduce over ranks serves both."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.highs: dict[str, Tensor] = {}
+        self.reductions: dict[str, Reduction] = {}
+
+    def add(self, out: LossOutput, tokens: Tensor) -> None:
+        """Fold in one micro-batch's metrics; ``tokens`` is its number of response tokens."""
+        for key, value in out.metrics.items():
+            how = self.reductions[key] = out.reductions[key]
+            if how in ("min", "max"):
+                value = -value if how == "min" else value
+                self.highs[key] = torch.maximum(self.highs[key], value) if key in self.highs else value
+            else:
+                term = value if how == "sum" else value * tokens
+                self.sums[key] = self.sums.get(key, torch.zeros_like(term)) + term
 
 
 def aggregate_rows(token_loss: Tensor, batch: LossBatch, agg: str, constant: float) -> Tensor:
@@ -209,6 +244,9 @@ class _NFTTokenLogRatio(torch.autograd.Function):
         return grad_value * grad_factor, None, None, None, None, None, None
 
 
+_RATIO_REDUCTIONS: dict[str, Reduction] = {"ratio/mean": "token_mean", "ratio/min": "min", "ratio/max": "max"}
+
+
 def _ratio_metrics(ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """``ratio/mean``, ``ratio/min``, ``ratio/max`` of ratio[mask] without materialising the boolean gather."""
     ratio = ratio.detach()
@@ -221,6 +259,28 @@ def _ratio_metrics(ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
         "ratio/min": torch.where(mask, ratio, torch.inf).min(),
         "ratio/max": torch.where(mask, ratio, -torch.inf).max(),
     }
+
+
+# How each metric of the shipped losses combines over a step (a loss of your own passes its own reductions).
+_METRIC_REDUCTIONS: dict[str, Reduction] = {
+    "loss/positive": "sum",
+    "loss/negative": "sum",
+    "loss/infonca": "sum",
+    "loss/sft_nll": "sum",
+    **_RATIO_REDUCTIONS,
+    "ratio/seq_log_ratio_mean": "token_mean",
+    "clip/neg_eps_frac": "token_mean",
+    "clip/log_ratio_cap_frac": "token_mean",
+    "clip/pos_floor_frac": "token_mean",
+    "clip/high_frac": "token_mean",
+    "clip/low_frac": "token_mean",
+    "clip/dual_frac": "token_mean",
+    "advantage/mean": "token_mean",
+}
+
+
+def _reductions(metrics: dict[str, Tensor]) -> dict[str, Reduction]:
+    return {key: _METRIC_REDUCTIONS[key] for key in metrics}
 
 
 def _masked_frac(flags: Tensor, mask: Tensor) -> Tensor:
@@ -369,7 +429,7 @@ class NFTLoss(PolicyLoss):
             }
             if self.positive_ratio_floor > 0:
                 metrics["clip/pos_floor_frac"] = _masked_frac(ratio < self.positive_ratio_floor, mask & positive)
-        return LossOutput(loss=loss, metrics=metrics)
+        return LossOutput(loss, metrics, _reductions(metrics))
 
     def prompt_weight(self, r_hat: Tensor) -> Tensor:
         return omega_weight(r_hat, self.omega)
@@ -484,7 +544,7 @@ class GRPOLoss(PolicyLoss):
             }
             if self.dual_clip is not None:
                 metrics["clip/dual_frac"] = _masked_frac((ratio > self.dual_clip) & negative_adv[:, None], mask)
-        return LossOutput(loss=loss, metrics=metrics)
+        return LossOutput(loss, metrics, _reductions(metrics))
 
 
 class DrGRPOLoss(GRPOLoss):
@@ -580,4 +640,4 @@ class InfoNCALoss(PolicyLoss):
                 "ratio/seq_log_ratio_mean": seq_log_ratio.detach().mean(),
                 **_ratio_metrics(log_ratio.exp(), batch.response_mask.bool()),
             }
-        return LossOutput(loss=loss, metrics=metrics)
+        return LossOutput(loss, metrics, _reductions(metrics))

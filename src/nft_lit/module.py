@@ -1,11 +1,12 @@
 """PolicyModule: the policy LM, its optimizer, and one optimizer step per dataloader item.
 
-Manual optimization: one ``StepBatch`` (built by ``RolloutDataModule``) is one optimizer step over its
+Manual optimization: one ``StepBatch`` (built by ``steps.build_steps``) is one optimizer step over its
 micro-batches. The losses are normalised by the counts of the whole step across micro-batches and ranks
 (``LossBatch.num_*``), so summing micro-batch gradients is exact; data-parallel gradient reduction
 (DDP / FSDP) *averages* over ranks, which this module undoes by scaling each micro-batch loss by the world
 size. Log-probs follow the rollout convention: ``log_softmax(logits / temperature)`` of the sampled token,
-in float32 (paper Eq. 10 ratios R_t = exp(logπ_θ − logπ_old) are sensitive to rounding).
+in float32 (paper Eq. 10 ratios R_t = exp(logπ_θ − logπ_old) are sensitive to rounding), at the temperature
+the step's answers were sampled at (``StepBatch.temperature``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 
-from nft_lit.datamodule import MicroBatch, StepBatch, all_gather_objects
-from nft_lit.losses import PolicyLoss
+from nft_lit.distributed import all_gather_objects
+from nft_lit.steps import MicroBatch, StepBatch
+from nft_lit.evaluation import Evaluation
+from nft_lit.losses import PolicyLoss, Reduction, StepMetrics
 from nft_lit.models import ModelSpec, load_model
 
 
@@ -85,7 +88,6 @@ class PolicyModule(pl.LightningModule):
         betas: AdamW betas.
         warmup_steps: linear LR warm-up over this many optimizer steps, then constant (paper: 10).
         grad_clip: max global gradient norm (paper: 1.0); None logs the norm without clipping.
-        temperature: sampling temperature of the rollouts; logits are divided by it (log-prob convention).
         fsdp_reshard_after_forward: FSDP2 (``ModelParallelStrategy``) only: free gathered weights after
             each forward (saves memory, costs a second all-gather in backward).
         activation_checkpointing: recompute each decoder layer's activations in backward (HF gradient
@@ -109,7 +111,6 @@ class PolicyModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 10,
         grad_clip: float | None = 1.0,
-        temperature: float = 1.0,
         fsdp_reshard_after_forward: bool = True,
         activation_checkpointing: bool = False,
         compile: bool = False,
@@ -121,8 +122,6 @@ class PolicyModule(pl.LightningModule):
             raise ValueError(f"module.warmup_steps must be >= 0, got {warmup_steps}")
         if grad_clip is not None and not grad_clip > 0:
             raise ValueError(f"module.grad_clip must be > 0 or null, got {grad_clip}")
-        if not temperature > 0:
-            raise ValueError(f"module.temperature must be > 0, got {temperature}")
         self.automatic_optimization = False
         self._model_source = model
         self.model: nn.Module | None = model if isinstance(model, nn.Module) else None
@@ -133,7 +132,6 @@ class PolicyModule(pl.LightningModule):
         self.betas = tuple(betas)
         self.warmup_steps = warmup_steps
         self.grad_clip = grad_clip
-        self.temperature = temperature
         self.fsdp_reshard_after_forward = fsdp_reshard_after_forward
         self.activation_checkpointing = activation_checkpointing
         # Compiled lazily on first use; the function is shared by the policy and the KL reference model.
@@ -142,7 +140,8 @@ class PolicyModule(pl.LightningModule):
         self.run_config: dict[str, Any] | None = None
         self._epoch_start = 0.0
         self._train_tokens = 0.0
-        self._metric_keys: tuple[list[str], list[str]] | None = None
+        self._metric_keys: tuple[list[str], list[str], dict[str, Reduction]] | None = None
+        self._rollout_stats: dict[str, float] = {}
         if self.model is not None:
             self._make_reference()
 
@@ -186,10 +185,12 @@ class PolicyModule(pl.LightningModule):
             fully_shard(model, mesh=dp_mesh, reshard_after_forward=self.fsdp_reshard_after_forward)
         self._fsdp2_applied = True
 
-    def response_logprobs(self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
+    def response_logprobs(
+        self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, temperature: float
+    ) -> Tensor:
         """Response-token log-probs under the current policy (used for logπ_old; no entropy)."""
         assert self.model is not None
-        return self._logprobs_fn(self.model, input_ids, attention_mask, prompt_len, self.temperature)[0]
+        return self._logprobs_fn(self.model, input_ids, attention_mask, prompt_len, temperature)[0]
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> Any:
@@ -229,28 +230,28 @@ class PolicyModule(pl.LightningModule):
         self._epoch_start = time.perf_counter()
         self._train_tokens = 0.0
 
-    def _micro_step(self, mb: MicroBatch, scale: float) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+    def _micro_step(self, mb: MicroBatch, scale: float, temperature: float, metrics: StepMetrics) -> tuple[Tensor, ...]:
+        """Forward and backward of one micro-batch: (its loss share, entropy sum, response tokens)."""
         assert self.model is not None
-        logprobs, entropy = self._logprobs_fn(
-            self.model, mb.input_ids, mb.attention_mask, mb.prompt_len, self.temperature
-        )
+        logprobs, entropy = self._logprobs_fn(self.model, mb.input_ids, mb.attention_mask, mb.prompt_len, temperature)
         mask = mb.loss_batch.response_mask
         if mb.is_padding:
             # Zero-weight pass: keeps every rank's collectives in step without contributing gradient.
             self.manual_backward(logprobs.sum() * 0.0)
-            return logprobs.new_zeros(()), {}, logprobs.new_zeros(()), logprobs.new_zeros(())
+            return logprobs.new_zeros(()), logprobs.new_zeros(()), logprobs.new_zeros(())
         batch = mb.loss_batch
         if self.ref_model is not None:
             with torch.no_grad():
-                ref = self._logprobs_fn(
-                    self.ref_model, mb.input_ids, mb.attention_mask, mb.prompt_len, self.temperature
-                )[0]
+                ref = self._logprobs_fn(self.ref_model, mb.input_ids, mb.attention_mask, mb.prompt_len, temperature)[0]
             batch.ref_logprobs = ref * mask
         out = self.loss_fn(logprobs, batch)
         self.manual_backward(out.loss * scale)
-        return out.loss.detach(), out.metrics, (entropy.detach() * mask).sum(), mask.sum()
+        tokens = mask.sum()
+        metrics.add(out, tokens)
+        return out.loss.detach(), (entropy.detach() * mask).sum(), tokens
 
     def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor | None:
+        self._rollout_stats.update(batch.rollout_stats)
         if not batch.micro_batches:
             return None  # an iteration that kept no group (identical on every rank): no update
         optimizer = self.optimizers()
@@ -259,90 +260,60 @@ class PolicyModule(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         zero = torch.zeros((), device=self.device)
         step_loss, entropy_sum, tokens = zero.clone(), zero.clone(), zero.clone()
-        # The loss's metrics over the whole step (micro-batches here, ranks below): loss parts are shares of
-        # the step-normalised loss and add up; */min and */max are extremes (a minimum kept as -max(-x));
-        # the other metrics are per-micro-batch means, weighted by the micro-batch's response tokens (every
-        # real micro-batch reports every key, padding ones none and have no tokens): exact for token means.
-        sums: dict[str, Tensor] = {}
-        highs: dict[str, Tensor] = {}
+        metrics = StepMetrics()  # the loss's metrics over the step's micro-batches, ranks below
         for mb in batch.micro_batches:
-            loss, metrics, ent, n = self._micro_step(mb, float(world))
+            loss, ent, n = self._micro_step(mb, float(world), batch.temperature, metrics)
             step_loss += loss
             entropy_sum += ent
             tokens += n
-            for k, v in metrics.items():
-                if k.endswith(("/min", "/max")):
-                    v = -v if k.endswith("/min") else v
-                    highs[k] = torch.maximum(highs[k], v) if k in highs else v
-                else:
-                    sums[k] = sums.get(k, zero) + (v if k.startswith("loss/") else v * n)
         grad_norm = self._clip_gradients()
         optimizer.step()
         scheduler.step()
-        sum_keys, high_keys = self._loss_metric_keys(sums, highs)
+        sum_keys, high_keys, how = self._loss_metric_keys(metrics)
         # Each rank's loss is its share of the step's normalised loss: the step loss is their sum.
         reduce = self.trainer.strategy.reduce
-        stacked = torch.stack([step_loss, entropy_sum, tokens, *(sums.get(k, zero) for k in sum_keys)])
+        stacked = torch.stack([step_loss, entropy_sum, tokens, *(metrics.sums.get(k, zero) for k in sum_keys)])
         totals = reduce(stacked, reduce_op="sum")
         self._train_tokens += float(totals[2])
+        all_tokens = totals[2].clamp(min=1.0)
         logs = {
             "train/loss": totals[0],
-            "train/entropy": totals[1] / totals[2].clamp(min=1.0),
+            "train/entropy": totals[1] / all_tokens,
             "train/grad_norm": grad_norm,
             "train/lr": torch.tensor(scheduler.get_last_lr()[0]),
         }
         for i, k in enumerate(sum_keys):
-            logs[f"train/{k}"] = totals[3 + i] if k.startswith("loss/") else totals[3 + i] / totals[2].clamp(min=1.0)
+            logs[f"train/{k}"] = totals[3 + i] if how[k] == "sum" else totals[3 + i] / all_tokens
         if high_keys:
-            high = reduce(torch.stack([highs.get(k, zero - math.inf) for k in high_keys]), reduce_op="max")
-            logs.update({f"train/{k}": -high[i] if k.endswith("/min") else high[i] for i, k in enumerate(high_keys)})
+            high = reduce(torch.stack([metrics.highs.get(k, zero - math.inf) for k in high_keys]), reduce_op="max")
+            logs.update({f"train/{k}": -high[i] if how[k] == "min" else high[i] for i, k in enumerate(high_keys)})
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
         self.log("loss", totals[0], prog_bar=True, on_step=True, on_epoch=False)
         return totals[0]
 
-    def _loss_metric_keys(self, sums: dict[str, Tensor], highs: dict[str, Tensor]) -> tuple[list[str], list[str]]:
-        """The loss's metric names in one order on every rank. A rank whose micro-batches were all padding
-        has none, so the first step gathers them from all ranks; they are fixed by the loss, so once is enough."""
+    def _loss_metric_keys(self, metrics: StepMetrics) -> tuple[list[str], list[str], dict[str, Reduction]]:
+        """The loss's metric names (summed ones, extreme ones) in one order on every rank, and their reductions.
+        A rank whose micro-batches were all padding has none, so the first step gathers them from all ranks;
+        they are fixed by the loss, so once is enough."""
         if self._metric_keys is None:
-            gathered = all_gather_objects((sorted(sums), sorted(highs)))
-            self._metric_keys = tuple(sorted(set().union(*part)) for part in zip(*gathered, strict=True))
+            gathered = all_gather_objects(metrics.reductions)
+            how = {k: v for part in gathered for k, v in part.items()}
+            sums = sorted(k for k, v in how.items() if v in ("sum", "token_mean"))
+            self._metric_keys = (sums, sorted(k for k in how if k not in sums), how)
         return self._metric_keys
 
     # ------------------------------------------------------------------ validation (trainer.validate)
-    def on_validation_epoch_start(self) -> None:
-        from nft_lit.evaluation import AvgAtK, PassAtK
-
-        dm = self.trainer.datamodule
-        dm.setup("validate")
-        dm.engine.sync_weights(self.model)
-        k = dm.val_num_samples
-        # A plain dict: metrics stay out of the module's state_dict and checkpoints.
-        self._val_metrics = {f"avg@{k}": AvgAtK(), **({f"pass@{k}": PassAtK(k)} if k > 1 else {})}
-
-    def validation_step(self, batch: tuple[list[Any], int], batch_idx: int) -> None:
-        from nft_lit.evaluation import sample_correctness
-
-        dm = self.trainer.datamodule
-        problems, real = batch
-        correct, _ = sample_correctness(
-            problems, dm.engine, dm.tokenizer, dm.prompt_template, dm.verifier, dm.val_num_samples, dm.val_sampling
-        )
-        if real:
-            for metric in self._val_metrics.values():
-                metric.update(correct[:real])
-
-    def on_validation_epoch_end(self) -> None:
-        name = self.trainer.datamodule.val_name
-        # compute() sums the metric states over ranks itself.
-        values = {f"val/{name}/{key}": m.compute() for key, m in self._val_metrics.items()}
-        self.log_dict(values, on_step=False, on_epoch=True, rank_zero_only=True)
+    def validation_step(self, evaluation: Evaluation, batch_idx: int) -> None:
+        """The datamodule's ``Evaluation`` of its ``val_benchmarks`` on this policy (results summed over ranks)."""
+        results = evaluation.run(self.model)
+        self.log_dict({f"val/{k}": v for k, v in results.items()}, on_step=False, on_epoch=True, rank_zero_only=True)
 
     def on_train_epoch_end(self) -> None:
         seconds = time.perf_counter() - self._epoch_start
         logs = {"train/seconds": seconds, "train/tokens_per_second": self._train_tokens / max(seconds, 1e-9)}
-        dm = getattr(self.trainer, "datamodule", None)
-        for k, v in (getattr(dm, "last_stats", None) or {}).items():
+        for k, v in self._rollout_stats.items():
             logs[f"rollout/{k}"] = float(v)
+        self._rollout_stats = {}
         logs["iteration"] = float(self.current_epoch)
         # Rollout statistics are computed from the data gathered over all ranks: identical everywhere.
         self.log_dict(logs, on_step=False, on_epoch=True, rank_zero_only=True)

@@ -114,6 +114,16 @@ def pad_left(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def pad_right(rows: Sequence[Sequence[float]], pad: float, dtype: torch.dtype) -> torch.Tensor:
+    """Rows right-padded to one width (at least 1): response tokens, masks and log-probs of a batch."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(width, 1)), pad, dtype=dtype)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.tensor(r, dtype=dtype)
+    return out
+
+
 def _check_prompts(prompt_ids: Sequence[Sequence[int]], num_samples: int) -> list[list[int]]:
     if not isinstance(num_samples, int) or num_samples <= 0:
         raise ValueError(f"generate: num_samples must be a positive int, got {num_samples!r}")

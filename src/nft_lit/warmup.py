@@ -29,10 +29,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from nft_lit.data import Problem
-from nft_lit.evaluation import sample_correctness
 from nft_lit.models import build_char_tokenizer, save_hf_folder, tiny_causal_lm
 from nft_lit.prompts import encode_prompt
 from nft_lit.reward import ExactMatchVerifier
+from nft_lit.sampler import Sampler
 from nft_lit.rollout import HFGenerateEngine, SamplingParams
 from nft_lit.synthetic import ALPHABET, ArithmeticTask, sample_problems
 
@@ -135,10 +135,10 @@ def pass_rate(
     """Fraction of ``problems`` answered exactly, one answer each, through the RL loop's own engine and
     verifier (a truncated answer is negative)."""
     engine = HFGenerateEngine(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    engine.sync_weights(model)
+    sampler = Sampler(engine, tokenizer, ExactMatchVerifier())
+    sampler.sync(model)
     sampling = SamplingParams(temperature=0.0 if greedy else 1.0, max_new_tokens=max_new_tokens, seed=seed)
-    correct, _ = sample_correctness(problems, engine, tokenizer, None, ExactMatchVerifier(), 1, sampling)
-    return float(correct.sum()) / len(problems)
+    return sum(sampler.sample(problems, 1, sampling).correct) / len(problems)
 
 
 def warmup(
