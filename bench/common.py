@@ -128,24 +128,19 @@ def synthetic_steps(
     logprob_fn: Any = None,
     device: str = "cpu",
 ) -> list[Any]:
-    """Optimizer steps (``StepBatch``) of random-token mixed groups, batched by the real datamodule code.
+    """Optimizer steps (``StepBatch``) of random-token mixed groups, batched by the real rollout stages.
 
     Response lengths are uniform in [response_tokens/2, response_tokens]; answer j of every group is correct
-    when j is odd, so every group is mixed (as after dynamic sampling). With ``logprob_fn`` (``(input_ids,
-    attention_mask, prompt_len) -> log-probs``, the caller sets eval mode) the old log-probs are recomputed by
-    ``RolloutDataModule.fill_old_logprobs`` on ``device`` as in an iteration; otherwise they stay zero.
+    when j is odd, so every group is mixed (as after dynamic sampling). The groups go through
+    ``nft_lit.steps`` as in an iteration on one rank: ``plan_steps``, ``build_steps`` (temperature 1, pad id 0
+    as in ``nft_lit.models``' char tokenizer). With ``logprob_fn`` (``(input_ids, attention_mask, prompt_len,
+    temperature) -> log-probs``, the caller sets eval mode) the old log-probs are recomputed by
+    ``fill_old_logprobs`` on ``device``; otherwise they stay zero.
     """
     import random
 
-    from nft_lit.data import Problem
-    from nft_lit.datamodule import Group, RolloutDataModule
-    from nft_lit.reward import ExactMatchVerifier
-    from nft_lit.rollout import HFGenerateEngine, SamplingParams
-
-    class Tokenizer:
-        # batching already-tokenized groups only needs the special ids (those of nft_lit.models' char tokenizer)
-        pad_token_id = 0
-        eos_token_id = 1
+    from nft_lit.iteration import Group
+    from nft_lit.steps import StepLayout, build_steps, fill_old_logprobs, plan_steps
 
     rng = random.Random(seed)
     groups = []
@@ -164,19 +159,10 @@ def synthetic_steps(
                 truncated=[False] * answers,
             )
         )
-    datamodule = RolloutDataModule(
-        problems=[Problem(id="bench", question="q", answer="a", source="bench")],
-        engine=HFGenerateEngine(),
-        tokenizer=Tokenizer(),
-        prompt_template=None,
-        verifier=ExactMatchVerifier(),
-        sampling=SamplingParams(max_new_tokens=response_tokens),
-        prompts_per_step=prompts,
-        num_answers=answers,
-        num_mini_batches=mini_batches,
-        micro_batch_size=micro_batch,
-    )
-    steps = datamodule.build_steps(groups)
+    layout = StepLayout(num_mini_batches=mini_batches, micro_batch_size=micro_batch)
+    layout.check(prompts, answers)
+    plan = plan_steps(len(groups), answers, layout, world=1)
+    steps = build_steps(groups, plan, rank=0, num_answers=answers, pad_id=0, temperature=1.0)
     if logprob_fn is not None:
-        datamodule.fill_old_logprobs(steps, logprob_fn, device)
+        fill_old_logprobs(steps, logprob_fn, device)
     return steps

@@ -198,6 +198,8 @@ def run_nft_lit(setup: Setup, algorithm: str) -> dict[str, Any]:
     from nft_lit.datamodule import ROLLOUT_TRAINER_SETTINGS, RolloutDataModule
     from nft_lit.module import PolicyModule
     from nft_lit.rollout import HFGenerateEngine, SamplingParams
+    from nft_lit.sampler import Sampler
+    from nft_lit.steps import StepBatch
 
     model, tokenizer, problems = build(setup)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
@@ -209,14 +211,18 @@ def run_nft_lit(setup: Setup, algorithm: str) -> dict[str, Any]:
         weight_decay=setup.weight_decay,
         warmup_steps=0,
         grad_clip=1.0,
-        temperature=1.0,
     )
-    datamodule = RolloutDataModule(
+    stats: list[dict[str, float]] = []  # each iteration's rollout statistics (logged as rollout/*)
+
+    class RecordingDataModule(RolloutDataModule):
+        def rollout(self, *args: Any, **kwargs: Any) -> list[StepBatch]:
+            steps = super().rollout(*args, **kwargs)
+            stats.append(dict(steps[0].rollout_stats))
+            return steps
+
+    datamodule = RecordingDataModule(
         problems=problems,
-        engine=HFGenerateEngine(batch_size=setup.prompts * setup.answers),
-        tokenizer=tokenizer,
-        prompt_template=None,
-        verifier=ParityVerifier(),
+        sampler=Sampler(HFGenerateEngine(batch_size=setup.prompts * setup.answers), tokenizer, ParityVerifier()),
         sampling=SamplingParams(temperature=1.0, max_new_tokens=setup.max_new_tokens),
         prompts_per_step=setup.prompts,
         num_answers=setup.answers,
@@ -229,7 +235,6 @@ def run_nft_lit(setup: Setup, algorithm: str) -> dict[str, Any]:
         seed=setup.seed,
     )
     marks: list[float] = []
-    stats: list[dict[str, float]] = []
 
     class EpochClock(pl.Callback):
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -237,7 +242,6 @@ def run_nft_lit(setup: Setup, algorithm: str) -> dict[str, Any]:
 
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             marks.append(time.perf_counter())
-            stats.append(dict(datamodule.last_stats))
 
     trainer = quiet_trainer(max_epochs=setup.iterations, **ROLLOUT_TRAINER_SETTINGS, callbacks=[EpochClock()])
     torch.manual_seed(setup.seed)

@@ -3,7 +3,7 @@
     .venv/bin/python bench/train_step.py            # Llama d=256 L=4, vocab 4096, 32 answers x <=128 tokens
     .venv/bin/python bench/train_step.py --quick    # tiny shape, for the harness test
 
-Both sides train on the same optimizer steps (``StepBatch``es built by ``RolloutDataModule.build_steps`` from
+Both sides train on the same optimizer steps (``StepBatch``es built by ``nft_lit.steps.build_steps`` from
 synthetic groups, old log-probs filled by ``fill_old_logprobs``) from the same initial weights with the same
 AdamW/LR schedule (``PolicyModule.configure_optimizers``). The bare loop does, per step: zero_grad, for each
 micro-batch ``response_logprobs_and_entropy`` + loss + backward, grad-norm clip, optimizer and scheduler step.
@@ -32,10 +32,10 @@ import torch
 from common import median, meta, print_table, quiet_trainer, synthetic_steps, write_json
 from torch.utils.data import DataLoader, Dataset
 
-from nft_lit.datamodule import StepBatch
 from nft_lit.losses import NFTLoss
 from nft_lit.models import tiny_causal_lm
 from nft_lit.module import PolicyModule, response_logprobs_and_entropy
+from nft_lit.steps import StepBatch
 
 GOAL_RATIO = 1.05
 
@@ -71,7 +71,7 @@ class _Steps(Dataset):
 
 
 def make_steps(shape: Shape, model: torch.nn.Module) -> list[StepBatch]:
-    """One optimizer step of synthetic mixed groups, old log-probs recomputed by the datamodule's own code."""
+    """One optimizer step of synthetic mixed groups, old log-probs recomputed by the rollout's own code."""
     model.eval()
     steps = synthetic_steps(
         prompts=shape.prompts,
@@ -80,7 +80,7 @@ def make_steps(shape: Shape, model: torch.nn.Module) -> list[StepBatch]:
         response_tokens=shape.response_tokens,
         vocab=shape.vocab,
         micro_batch=shape.micro_batch,
-        logprob_fn=lambda ids, mask, n: response_logprobs_and_entropy(model, ids, mask, n, 1.0)[0],
+        logprob_fn=lambda ids, mask, n, temperature: response_logprobs_and_entropy(model, ids, mask, n, temperature)[0],
     )
     model.train()
     return steps
@@ -122,8 +122,11 @@ def run_bare(model: torch.nn.Module, steps: list[StepBatch], n: int) -> tuple[li
     marks = [clock()]
     for i in range(n + 1):
         optimizer.zero_grad(set_to_none=True)
-        for mb in steps[i % len(steps)].micro_batches:
-            logprobs, _ = response_logprobs_and_entropy(net, mb.input_ids, mb.attention_mask, mb.prompt_len, 1.0)
+        step = steps[i % len(steps)]
+        for mb in step.micro_batches:
+            logprobs, _ = response_logprobs_and_entropy(
+                net, mb.input_ids, mb.attention_mask, mb.prompt_len, step.temperature
+            )
             loss_fn(logprobs, mb.loss_batch).loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in net.parameters() if p.grad is not None], 1.0)
         optimizer.step()

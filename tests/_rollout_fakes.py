@@ -101,6 +101,15 @@ class ParityVerifier:
         return VerifyResult(rewards, {"seconds": 0.0})
 
 
+class GoldParityVerifier:
+    """Reward 1 when the response length plus the gold's last digit is odd, truncated or not: a score inside
+    (0, 1) even from a random-init model whose answers are all alike (for comparing evaluation paths)."""
+
+    def score(self, responses: list[str], golds: list[str], truncated: list[bool]) -> VerifyResult:
+        rewards = [float((len(r) + int(g[-1])) % 2 == 1) for r, g in zip(responses, golds, strict=True)]
+        return VerifyResult(rewards, {"seconds": 0.0})
+
+
 @dataclass(frozen=True)
 class FakeProblem:
     id: str

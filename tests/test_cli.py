@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,14 +70,14 @@ def test_fit_export_validate_on_smoke(tmp_path):
         f"ckpt_path={ckpt}",
         f"hydra.run.dir={vdir}",
         *PARITY_OVERRIDES,
-        "validate.num_samples=2",
-        "validate.pass_k=[1,2]",
-        "validate.temperature=1.0",
-        "validate.top_p=1.0",
+        "eval.num_samples=2",
+        "eval.pass_k=[1,2]",
+        "eval.temperature=1.0",
+        "eval.top_p=1.0",
     )
     res = json.loads((vdir / "validate.json").read_text())["results"]
-    assert set(res) >= {"synthetic_add1/avg@2", "synthetic_add1/pass@2", "average/avg"}
-    assert 0.0 <= res["synthetic_add1/avg@2"] <= res["synthetic_add1/pass@2"] <= 1.0
+    assert set(res) >= {"heldout/avg@2", "heldout/pass@2", "average/avg"}
+    assert 0.0 <= res["heldout/avg@2"] <= res["heldout/pass@2"] <= 1.0
 
 
 @pytest.mark.slow
@@ -113,14 +114,6 @@ data:
         - {id: b, question: "2+2=", answer: "4", source: t}
         - {id: c, question: "3+4=", answer: "7", source: t}
         - {id: d, question: "5+1=", answer: "6", source: t}
-  val_problems:
-    class_path: nft_lit.data.ProblemSet
-    init_args:
-      name: inline
-      problems:
-        - {id: e, question: "2+5=", answer: "7", source: t}
-  val_name: tiny
-  verifier: _rollout_fakes.ParityVerifier
   gen_prompts_per_round: 4
   prompts_per_step: 2
 trainer:
@@ -134,11 +127,46 @@ def test_lightning_cli_fit_then_validate(tmp_path):
     extra = tmp_path / "extra.yaml"
     extra.write_text(LIGHTNING_CLI_DATA.replace("ROOT", str(tmp_path / "logs")))
     smoke = Path(__file__).parents[1] / "configs" / "lightning_cli" / "smoke.yaml"
-    _nft_lit("cli", "fit", "--config", str(smoke), "--config", str(extra))
+    parity = ["--data.sampler.init_args.verifier", "_rollout_fakes.ParityVerifier"]
+    _nft_lit("cli", "fit", "--config", str(smoke), "--config", str(extra), *parity)
     ckpts = sorted((tmp_path / "logs").rglob("*.ckpt"))
     assert ckpts, "LightningCLI fit wrote no checkpoint"
     proc = _nft_lit("cli", "validate", "--config", str(smoke), "--config", str(extra), "--ckpt_path", str(ckpts[-1]))
-    assert "val/tiny/avg@1" in proc.stdout
+    assert "val/heldout/avg@1" in proc.stdout
+
+
+def _printed_metric(stdout: str, name: str) -> float:
+    """A value from Lightning's validate table (one row per metric: name, then value)."""
+    row = next(line for line in stdout.splitlines() if name in line)
+    return float(re.findall(r"[-+]?\d*\.\d+(?:[eE][-+]?\d+)?|\d+", row.split(name, 1)[1])[0])
+
+
+@pytest.mark.slow
+def test_validate_and_lightning_cli_validate_agree_on_one_checkpoint(tmp_path):
+    """One evaluation path: `nft-lit validate` and `nft-lit cli validate` score the same checkpoint alike."""
+    run = tmp_path / "run"
+    _nft_lit("fit", "experiment=smoke", "iterations=1", "eval.at_start=false", f"hydra.run.dir={run}")
+    verifier = "_rollout_fakes.GoldParityVerifier"  # a score strictly inside (0, 1) from a random model
+    parity = f"reward.verifier._target_={verifier}"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    vdir = tmp_path / "val"
+    _nft_lit("validate", "experiment=smoke", f"ckpt_path={ckpt}", parity, f"hydra.run.dir={vdir}")
+    hydra_avg = json.loads((vdir / "validate.json").read_text())["results"]["heldout/avg@1"]
+    smoke = Path(__file__).parents[1] / "configs" / "lightning_cli" / "smoke.yaml"
+    proc = _nft_lit(
+        "cli",
+        "validate",
+        "--config",
+        str(smoke),
+        "--data.sampler.init_args.verifier",
+        verifier,
+        "--trainer.default_root_dir",
+        str(tmp_path / "cli"),
+        "--ckpt_path",
+        str(ckpt),
+    )
+    assert 0.0 < hydra_avg < 1.0
+    assert _printed_metric(proc.stdout, "val/heldout/avg@1") == pytest.approx(hydra_avg, abs=1e-6)
 
 
 ALGORITHMS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "algorithm").glob("*.yaml"))
@@ -217,11 +245,11 @@ def test_validate_without_checkpoint_evaluates_the_configured_model(tmp_path):
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=smoke", f"run_dir={tmp_path}"])
-        cfg.validate.out = str(tmp_path / "validate.json")
+        cfg.eval.out = str(tmp_path / "validate.json")
         results = run_validate(cfg)
-    assert 0.0 <= results["synthetic_add1/avg@1"] <= 1.0
+    assert 0.0 <= results["heldout/avg@1"] <= 1.0
     written = json.loads((tmp_path / "validate.json").read_text())
-    assert written["results"]["synthetic_add1/avg@1"] == pytest.approx(results["synthetic_add1/avg@1"])
+    assert written["results"]["heldout/avg@1"] == pytest.approx(results["heldout/avg@1"])
     cfg.model = None
     with pytest.raises(ConfigError, match="ckpt_path"):
         run_validate(cfg)

@@ -6,7 +6,8 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from nft_lit.cli import CONFIG_DIR, ConfigError, check_config
+from nft_lit.cli import CONFIG_DIR, ConfigError, build_fit, check_config
+from nft_lit.losses import NFTLoss
 
 ALGORITHMS = sorted(p.stem for p in (CONFIG_DIR / "algorithm").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -48,7 +49,7 @@ def test_paper_7b_has_the_paper_hyperparameters():
     assert cfg.datamodule.num_mini_batches == 16 and cfg.module.lr == 1e-6 and cfg.module.warmup_steps == 10
     assert cfg.sampling.max_new_tokens == 3584
     cfg32 = _compose("experiment=paper_32b")
-    assert cfg32.sampling.max_new_tokens == 14336 and cfg32.validate.temperature == 0.6
+    assert cfg32.sampling.max_new_tokens == 14336 and cfg32.eval.temperature == 0.6
     assert cfg32.model.pretrained == "Qwen/Qwen2.5-32B" and cfg.model.pretrained == "Qwen/Qwen2.5-Math-7B"
 
 
@@ -74,29 +75,44 @@ def test_every_reward_config_instantiates_a_verifier(reward):
 @pytest.mark.parametrize(
     ("overrides", "option"),
     [
-        (["algorithm.loss.epsilon=0"], "algorithm.loss.epsilon"),
-        (["algorithm.loss.epsilon=-1"], "algorithm.loss.epsilon"),
+        (["algorithm.loss.epsilon=0"], "epsilon"),
+        (["algorithm.loss.epsilon=-1"], "epsilon"),
         (["algorithm.num_answers=1"], "algorithm.num_answers"),
         (["algorithm=grpo", "algorithm.num_answers=1"], "algorithm.num_answers"),
         (["algorithm.overlong_buffer=2"], "algorithm.overlong_buffer"),
         (["algorithm=rft", "algorithm.overlong_buffer=2"], "algorithm.overlong_buffer"),
-        (["algorithm.name=ppo"], "algorithm.name"),
+        (["algorithm.dynamic_sampling=false"], "algorithm.dynamic_sampling"),
+        (["algorithm.loss._target_=nft_lit.rollout.SamplingParams"], "algorithm.loss._target_"),
         (["+data.data_dir=/does/not/exist"], "data.data_dir"),
-        (["algorithm=infonca"], "datamodule.whole_groups"),
+        (["algorithm=infonca", "datamodule.whole_groups=false"], "datamodule.whole_groups"),
+        (["datamodule.num_mini_batches=0"], "datamodule.num_mini_batches"),
+        (["sampling.temperature=0"], "sampling.temperature"),
+        (["algorithm=dapo"], r"algorithm.overlong_buffer=512 must be in (0, sampling.max_new_tokens=3]"),
     ],
 )
-def test_bad_configuration_names_the_option(overrides, option):
+def test_bad_configuration_fails_at_start_naming_the_option(overrides, option):
+    """Every rule is checked once, by the object that takes the value, when `nft-lit fit` builds the run."""
     cfg = _compose("experiment=smoke", *overrides)
-    if option == "datamodule.whole_groups":
-        cfg.datamodule.whole_groups = False
-    with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
-        check_config(cfg)
+    with pytest.raises(ConfigError, match=option.replace(".", r"\.").replace("(", r"\(").replace("]", r"\]")):
+        build_fit(cfg)
 
 
-def test_dynamic_sampling_with_one_answer_is_named():
-    cfg = _compose("experiment=smoke", "algorithm.num_answers=1")
-    with pytest.raises(ConfigError, match=r"algorithm\.dynamic_sampling"):
-        check_config(cfg)
+class UserLoss(NFTLoss):
+    """A loss written outside the package (NFT's knobs, another class)."""
+
+
+def test_a_new_loss_needs_no_registration():
+    """Adding a loss is one class plus one YAML: any PolicyLoss subclass is accepted by its _target_."""
+    cfg = _compose("experiment=smoke", "algorithm.name=my_variant", "algorithm.loss._target_=test_configs.UserLoss")
+    module, _, _ = build_fit(cfg)
+    assert type(module.loss_fn).__name__ == "UserLoss"
+
+
+def test_fit_shares_one_sampler_between_rollouts_and_evaluation():
+    _, datamodule, evaluation = build_fit(_compose("experiment=smoke"))
+    assert evaluation is not None and evaluation.sampler is datamodule.sampler
+    assert [b.name for b in evaluation.benchmarks] == ["heldout"]
+    assert evaluation.benchmarks[0].sampling.temperature == 0.0
 
 
 def test_unknown_algorithm_group_fails_at_composition():
@@ -110,27 +126,20 @@ def test_missing_data_file_fails_naming_the_data_dir(tmp_path):
         instantiate(cfg.data.problems)
 
 
-def test_overlong_buffer_longer_than_the_response_budget_is_named():
-    cfg = _compose("experiment=smoke", "algorithm=dapo")
-    with pytest.raises(
-        ConfigError, match=r"algorithm\.overlong_buffer=512 must be in \(0, sampling\.max_new_tokens=3\]"
-    ):
-        check_config(cfg)
-
-
 def test_validate_benchmarks_follow_each_data_config_protocol():
     from nft_lit.cli import build_benchmarks
 
     cfg = _compose("experiment=paper_7b")  # AIME/AMC avg@32, the rest avg@1, top-p 0.7, T 1.0
-    benches = {b.name: b for b in build_benchmarks(cfg)}
+    benches = {b.name: b for b in build_benchmarks(cfg, fallback_to_data=True)}
     assert set(benches) == {"aime24", "aime25", "amc23", "math500", "olympiadbench", "minerva_math"}
     assert benches["aime24"].num_samples == 32 and len(benches["aime24"].problems) == 30
     assert benches["math500"].num_samples == 1 and len(benches["math500"].problems) == 500
     assert all(b.sampling.top_p == 0.7 and b.sampling.temperature == 1.0 for b in benches.values())
-    cfg32 = _compose("experiment=paper_32b", "validate.benchmarks=[amc23]", "validate.pass_k=[1,16,64]")
-    (amc,) = build_benchmarks(cfg32)
+    cfg32 = _compose("experiment=paper_32b", "eval.benchmarks=[amc23]", "eval.pass_k=[1,16,64]")
+    (amc,) = build_benchmarks(cfg32, fallback_to_data=True)
     assert amc.sampling.temperature == 0.6 and amc.sampling.max_new_tokens == 14336 and amc.pass_k == (1, 16)
-    single = build_benchmarks(_compose("data=math500", "validate.num_samples=4"))
+    single = build_benchmarks(_compose("data=math500", "eval.num_samples=4"), fallback_to_data=True)
     assert [(b.name, b.num_samples) for b in single] == [("math500", 4)]
-    with pytest.raises(ConfigError, match=r"validate\.benchmarks: no data config 'nope'"):
-        build_benchmarks(_compose("validate.benchmarks=[nope]"))
+    assert build_benchmarks(_compose("data=math500"), fallback_to_data=False) == []  # fit: nothing to evaluate
+    with pytest.raises(ConfigError, match=r"eval\.benchmarks: no data config 'nope'"):
+        build_benchmarks(_compose("eval.benchmarks=[nope]"), fallback_to_data=True)

@@ -2,10 +2,9 @@ import math
 
 import pytest
 import torch
-from _rollout_fakes import FakeEngine, FakeProblem, FakeSampling, ParityVerifier
+from _rollout_fakes import FakeProblem, FakeSampling, make_sampler
 
-from nft_lit.evaluation import AvgAtK, Benchmark, PassAtK, evaluate_benchmarks, pass_at_k, write_results
-from nft_lit.models import build_char_tokenizer
+from nft_lit.evaluation import AvgAtK, Benchmark, Evaluation, PassAtK, pass_at_k, write_results
 
 
 def test_pass_at_k_matches_combinatorial_definition():
@@ -33,22 +32,21 @@ def test_avg_and_pass_metrics_accumulate_over_updates():
 
 def test_benchmark_rejects_pass_k_above_samples():
     with pytest.raises(ValueError, match="pass_k value 8"):
-        Benchmark("b", [FakeProblem("1", "1+1=", "2")], num_samples=4, pass_k=(8,))
+        Benchmark("b", [FakeProblem("1", "1+1=", "2")], FakeSampling(), num_samples=4, pass_k=(8,))
 
 
-def test_evaluate_benchmarks_per_benchmark_and_average(tmp_path):
-    tok = build_char_tokenizer("0123456789+=")
-    engine = FakeEngine([tok.convert_tokens_to_ids(c) for c in "0123456789"], tok.eos_token_id)
-    verifier = ParityVerifier()
+def test_evaluation_per_benchmark_and_average(tmp_path):
+    sampler = make_sampler()
     probs = [FakeProblem(str(i), f"{i}+{i}=", str(2 * i)) for i in range(10)]
-    benches = [Benchmark("a", probs[:6], num_samples=4, pass_k=(1, 4)), Benchmark("b", probs[6:], num_samples=1)]
-    res = evaluate_benchmarks(benches, engine, tok, None, verifier, FakeSampling(seed=3), batch_prompts=4)
+    sampling = FakeSampling(seed=3)
+    benches = [Benchmark("a", probs[:6], sampling, 4, (1, 4)), Benchmark("b", probs[6:], sampling, 1)]
+    res = Evaluation(benches, sampler, batch_prompts=4).run(policy=object())
+    assert sampler.engine.syncs == 1  # the policy reached the engine before sampling
     # Recompute avg@4 of "a" by hand from the same deterministic engine.
-    out = engine.generate(
-        [tok.encode(p.question, add_special_tokens=False) for p in probs[:6]], 4, FakeSampling(seed=3)
-    )
+    tok = sampler.tokenizer
+    out = sampler.engine.generate([tok.encode(p.question, add_special_tokens=False) for p in probs[:6]], 4, sampling)
     texts = [tok.decode(r, skip_special_tokens=True) for r in out.response_ids]
-    manual = verifier.score(texts, ["x"] * len(texts), out.truncated).rewards
+    manual = sampler.verifier.score(texts, ["x"] * len(texts), out.truncated).rewards
     assert res["a/avg@4"] == pytest.approx(sum(manual) / len(manual))
     assert res["a/pass@1"] == pytest.approx(res["a/avg@4"])
     assert res["a/pass@4"] >= res["a/avg@4"]

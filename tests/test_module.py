@@ -90,8 +90,8 @@ def test_warmup_then_constant_lr():
 def test_bad_module_options_name_the_option():
     with pytest.raises(ValueError, match=r"module\.lr"):
         PolicyModule(_model(), NFTLoss(), lr=0.0)
-    with pytest.raises(ValueError, match=r"module\.temperature"):
-        PolicyModule(_model(), NFTLoss(), temperature=0.0)
+    with pytest.raises(ValueError, match=r"module\.warmup_steps"):
+        PolicyModule(_model(), NFTLoss(), warmup_steps=-1)
 
 
 def test_lightning_fsdp1_strategy_is_refused_at_setup():
@@ -176,3 +176,23 @@ def test_logged_loss_parts_add_up_to_the_step_loss():
     assert float(m["train/loss/positive"]) != 0.0 and float(m["train/loss/negative"]) != 0.0
     parts = float(m["train/loss/positive"]) + float(m["train/loss/negative"])
     assert parts == pytest.approx(float(m["train/loss"]), rel=1e-5, abs=1e-8)
+
+
+def test_the_loss_declares_how_each_metric_reduces_over_the_step():
+    """The module combines the loss's metrics by their declared reduction, never by their names."""
+    from nft_lit.losses import LossOutput
+
+    class _CustomMetricLoss(NFTLoss):
+        def forward(self, logprobs, batch):
+            out = super().forward(logprobs, batch)
+            tokens = batch.response_mask.sum()
+            metrics = {**out.metrics, "mine/total_tokens": tokens, "mine/fewest_tokens": tokens}
+            reductions = {**out.reductions, "mine/total_tokens": "sum", "mine/fewest_tokens": "min"}
+            return LossOutput(out.loss, metrics, reductions)
+
+    _, trainer = _fit(_CustomMetricLoss(), micro_batch_size=2, num_mini_batches=1, dynamic_sampling=True)
+    m = trainer.callback_metrics
+    # one step of 4 groups x 4 answers in micro-batches of 2 answers: "sum" adds every micro-batch's tokens
+    assert float(m["train/mine/total_tokens"]) > float(m["train/mine/fewest_tokens"]) > 0
+    with pytest.raises(ValueError, match="declare no reduction"):
+        LossOutput(torch.zeros(()), {"x": torch.zeros(())})

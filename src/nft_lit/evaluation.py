@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from nft_lit.data import Problem
+from nft_lit.data import Problem, ProblemSet
 from nft_lit.distributed import shard_batches
 from nft_lit.rollout import SamplingParams
 from nft_lit.sampler import Sampler
@@ -106,7 +106,7 @@ class Benchmark:
     """
 
     name: str
-    problems: Sequence[Problem]
+    problems: ProblemSet | Sequence[Problem]
     sampling: SamplingParams
     num_samples: int = 1
     pass_k: tuple[int, ...] = ()

@@ -22,10 +22,10 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 
 from nft_lit.distributed import all_gather_objects
-from nft_lit.steps import MicroBatch, StepBatch
 from nft_lit.evaluation import Evaluation
 from nft_lit.losses import PolicyLoss, Reduction, StepMetrics
 from nft_lit.models import ModelSpec, load_model
+from nft_lit.steps import MicroBatch, StepBatch
 
 
 def response_logprobs_and_entropy(
@@ -306,7 +306,8 @@ class PolicyModule(pl.LightningModule):
     def validation_step(self, evaluation: Evaluation, batch_idx: int) -> None:
         """The datamodule's ``Evaluation`` of its ``val_benchmarks`` on this policy (results summed over ranks)."""
         results = evaluation.run(self.model)
-        self.log_dict({f"val/{k}": v for k, v in results.items()}, on_step=False, on_epoch=True, rank_zero_only=True)
+        logs = {f"val/{k}": v for k, v in results.items()}
+        self.log_dict(logs, on_step=False, on_epoch=True, rank_zero_only=True, batch_size=1)
 
     def on_train_epoch_end(self) -> None:
         seconds = time.perf_counter() - self._epoch_start

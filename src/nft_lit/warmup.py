@@ -32,8 +32,8 @@ from nft_lit.data import Problem
 from nft_lit.models import build_char_tokenizer, save_hf_folder, tiny_causal_lm
 from nft_lit.prompts import encode_prompt
 from nft_lit.reward import ExactMatchVerifier
-from nft_lit.sampler import Sampler
 from nft_lit.rollout import HFGenerateEngine, SamplingParams
+from nft_lit.sampler import Sampler
 from nft_lit.synthetic import ALPHABET, ArithmeticTask, sample_problems
 
 _META = "warmup.json"
