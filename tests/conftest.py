@@ -4,7 +4,7 @@ from collections.abc import Callable
 
 import pytest
 
-from nft_lit.warmup import ModelShape, WarmupConfig
+from nft_lit.demo.warmup import ModelShape, WarmupConfig
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def read_metrics(metrics_csv: Path) -> dict[str, list[float]]:
 
 def make_warmup(cache: Path) -> None:
     """The tiny demo base policy of tests/conftest.py's ``tiny_warmup`` (1-digit addition, 2 layers)."""
-    from nft_lit.warmup import ModelShape, WarmupConfig, warmup
+    from nft_lit.demo.warmup import ModelShape, WarmupConfig, warmup
 
     config = WarmupConfig(
         name="demo",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from nft_lit.demo.warmup import warmup
 from nft_lit.models import ModelSpec, load_model
 from nft_lit.report import report
-from nft_lit.warmup import warmup
 
 # ~10 s on an idle 2-core machine, ~50 s under load: below the 60 s bar for `slow`.
 

@@ -16,8 +16,8 @@ from nft_lit.reward import (
     extract_answer,
     extract_boxed,
     overlong_penalty,
-    verify_command,
 )
+from nft_lit.verify import verify_command
 
 
 @pytest.fixture(scope="module")

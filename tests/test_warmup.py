@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
+from nft_lit.demo.warmup import warmup
 from nft_lit.models import ModelSpec, load_model, load_tokenizer
-from nft_lit.warmup import warmup
 
 
 def test_warmup_stops_on_measured_pass_rate_and_is_cached(tmp_path, tiny_warmup):

@@ -23,8 +23,8 @@ _COMMANDS = {
     "validate": ("nft_lit.cli:validate_command", "evaluate a checkpoint (nft-lit validate ckpt_path=... data=...)"),
     "export": ("nft_lit.cli:export_command", "write a checkpoint as an HF folder (ckpt_path=... out=DIR)"),
     "cli": ("nft_lit.cli:lightning_cli_command", "LightningCLI: nft-lit cli fit --config FILE"),
-    "verify": ("nft_lit.reward:verify_command", "re-grade a jsonl file of (response, gold) pairs"),
-    "warmup": ("nft_lit.warmup:warmup_command", "SFT warm-up of the demo's base policy (cached HF folder)"),
+    "verify": ("nft_lit.verify:verify_command", "re-grade a jsonl file of (response, gold) pairs"),
+    "warmup": ("nft_lit.demo.warmup:warmup_command", "SFT warm-up of the demo's base policy (cached HF folder)"),
     "report": ("nft_lit.report:report_command", "table and PNG curves from run / sweep folders"),
     "convert-smollm2": (
         "nft_lit.models:convert_smollm2_command",
@@ -129,8 +129,7 @@ def _run_hydra(argv: list[str], task: Any) -> int:
 def build_callbacks(cfg: Any, evaluation: Any | None) -> list[Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-    from nft_lit.evaluation import HeldOutEvaluation
-    from nft_lit.module import PhaseProgressBar
+    from nft_lit.callbacks import HeldOutEvaluation, PhaseProgressBar
 
     callbacks: list[Any] = [
         PhaseProgressBar(),

@@ -122,7 +122,7 @@ class RolloutDataModule(pl.LightningDataModule):
         return batch.to(device) if isinstance(batch, StepBatch) else batch
 
     def _phase(self, name: str) -> None:
-        # Shown by PhaseProgressBar (module.py) when the trainer has one.
+        # Shown by PhaseProgressBar (callbacks.py) when the trainer has one.
         bar = getattr(self.trainer, "progress_bar_callback", None)
         if hasattr(bar, "set_phase"):
             bar.set_phase(name)

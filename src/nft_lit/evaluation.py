@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -187,48 +186,3 @@ def write_results(results: dict[str, float], path: str | Path, extra: dict[str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"results": results, **(extra or {})}, indent=2, sort_keys=True) + "\n")
     return path
-
-
-class HeldOutEvaluation(pl.Callback):
-    """In-training evaluation every ``every_n_iterations`` iterations (and before the first when
-    ``at_start``): logs ``val/<bench>/avg@k`` (and pass@k) against the global step.
-
-    The ``evaluation``'s sampler is the one the training rollouts use, so it evaluates exactly the policy
-    being trained (``pl_module.model``, handed to ``Evaluation.run``).
-    """
-
-    def __init__(self, evaluation: Evaluation, every_n_iterations: int = 1, at_start: bool = True) -> None:
-        if every_n_iterations < 1:
-            raise ValueError(f"eval.every_n_iterations must be >= 1, got {every_n_iterations}")
-        self.evaluation = evaluation
-        self.every_n_iterations = every_n_iterations
-        self.at_start = at_start
-        self.history: list[dict[str, float]] = []
-
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        results = self.evaluation.run(pl_module.model)
-        self.history.append({"step": float(trainer.global_step), **results})
-        # Straight to the loggers at the current global step rather than through self.log(on_epoch=True):
-        # Lightning would average the at-start evaluation with the end of iteration 0 into one point, and
-        # the untrained policy's accuracy would never appear on its own. The results are already reduced
-        # over ranks, so rank 0 writes them.
-        metrics = {f"val/{k}": v for k, v in results.items()}
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})  # for callbacks/tests
-        if trainer.is_global_zero:
-            # "epoch" as Lightning's own logging adds it, so CSV rows line up with the per-iteration metrics
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics | {"epoch": float(trainer.current_epoch)}, step=trainer.global_step)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.at_start and trainer.current_epoch == 0:
-            self._run(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_iterations == 0:
-            self._run(trainer, pl_module)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))

@@ -4,7 +4,7 @@ One ``nn.Module`` per algorithm, each built by Hydra from ``configs/algorithm/<n
 the per-token log-probs of the response tokens under the current policy and a :class:`LossBatch`, and returns
 a scalar already normalised by the counts of the *whole optimizer step* (all gradient-accumulation
 micro-batches and all data-parallel ranks), so that summing the gradients of the micro-batches gives exactly
-the gradient of the full mini-batch. Semantics and defaults follow ``ALGORITHMS.md`` (the authors' released
+the gradient of the full mini-batch. Semantics and defaults: docs/ALGORITHMS.md (the authors' released
 code and verl's DAPO recipe).
 
 Shapes: ``B`` answers in the micro-batch, ``T`` response tokens (right-padded, ``response_mask`` marks real ones).
@@ -154,7 +154,7 @@ class StepMetrics:
 
 
 def aggregate_rows(token_loss: Tensor, batch: LossBatch, agg: str, constant: float) -> Tensor:
-    """Each answer's share of the step loss, [B, T] -> [B]; their sum is the loss (ALGORITHMS.md, "Aggregation").
+    """Each answer's share of the step loss, [B, T] -> [B]; their sum is the loss (docs/ALGORITHMS.md, "Aggregation").
 
     Every mode is a sum of per-answer terms over a normaliser fixed for the whole optimizer step, which is
     what makes gradient accumulation and data parallelism exact. Returning the per-answer terms lets callers
@@ -289,7 +289,12 @@ def _masked_frac(flags: Tensor, mask: Tensor) -> Tensor:
 
 
 class PolicyLoss(nn.Module):
-    """Base class: input checks shared by every loss. Subclasses implement ``forward``."""
+    """Base class: input checks shared by every loss. Subclasses implement ``forward``.
+
+    A new loss is this class plus a YAML in configs/algorithm (no registry): it declares what it needs of the
+    data (``requires_binary_rewards``, ``requires_whole_groups``, checked at start by
+    ``iteration.check_loss_fits``) and returns a ``LossOutput`` naming each metric's reduction.
+    """
 
     requires_binary_rewards: bool = False
     requires_whole_groups: bool = False
@@ -347,7 +352,7 @@ class PolicyLoss(nn.Module):
 
 
 class NFTLoss(PolicyLoss):
-    """Negative-aware Fine-Tuning, paper Eq. 10 and Algorithm 1.
+    """Negative-aware Fine-Tuning, paper Eq. 10 and Algorithm 1 (docs/ALGORITHMS.md, "NFT").
 
     ℓ_t = −ω(q)·[ r·log R_t + (1 − r)·log max_v((1 − r̂_q R_t)/(1 − r̂_q), ε) ],  R_t = π_θ/π_old per token.
 
@@ -436,7 +441,8 @@ class NFTLoss(PolicyLoss):
 
 
 class RFTLoss(NFTLoss):
-    """Rejection-sampling Fine-Tuning (paper App. B): NFT with the negative term zeroed and ω(q) = 1.
+    """Rejection-sampling Fine-Tuning (paper App. B; docs/ALGORITHMS.md, "RFT"): NFT with the negative term
+    zeroed and ω(q) = 1.
 
     Negative answers still count in the token normaliser (as in the released code, which zeroes their loss
     inside the NFT implementation) but carry exactly zero gradient.
@@ -466,7 +472,8 @@ class RFTLoss(NFTLoss):
 
 
 class GRPOLoss(PolicyLoss):
-    """GRPO with DAPO's clip-higher (paper Eq. 3-4): ℓ_t = −min(R_t A, clip(R_t, 1 − ε_low, 1 + ε_high) A).
+    """GRPO with DAPO's clip-higher (paper Eq. 3-4; docs/ALGORITHMS.md, "GRPO"):
+    ℓ_t = −min(R_t A, clip(R_t, 1 − ε_low, 1 + ε_high) A).
 
     A = (r − mean_q)/(std_q + std_eps) with the Bessel-corrected std of the whole group; ``scale_by_std=False``
     gives Dr. GRPO's A = r − mean_q. Optional: dual clip (constant c > 1 bounding the loss of A < 0 tokens at
@@ -548,7 +555,8 @@ class GRPOLoss(PolicyLoss):
 
 
 class DrGRPOLoss(GRPOLoss):
-    """Dr. GRPO: GRPO without the std division and with length-independent aggregation (sum / constant)."""
+    """Dr. GRPO: GRPO without the std division and with length-independent aggregation (sum / constant);
+    docs/ALGORITHMS.md, "Dr. GRPO"."""
 
     def __init__(
         self,
@@ -573,7 +581,8 @@ class DrGRPOLoss(GRPOLoss):
 
 
 class DAPOLoss(GRPOLoss):
-    """DAPO: GRPO's clipped objective with clip-higher (0.2 / 0.28) and token-mean over the whole step.
+    """DAPO: GRPO's clipped objective with clip-higher (0.2 / 0.28) and token-mean over the whole step
+    (docs/ALGORITHMS.md, "DAPO").
 
     Dynamic sampling and overlong reward shaping are data-side and live in the algorithm config; rewards may
     therefore be non-binary here.
@@ -581,7 +590,8 @@ class DAPOLoss(GRPOLoss):
 
 
 class InfoNCALoss(PolicyLoss):
-    """InfoNCA (paper App. B), the K-answer generalisation of DPO, plus an SFT stabiliser.
+    """InfoNCA (paper App. B; docs/ALGORITHMS.md, "InfoNCA"), the K-answer generalisation of DPO, plus an SFT
+    stabiliser.
 
     Per prompt: soft labels y_k = r_k / Σ_i r_i, logits z_k = β Σ_t (log π_θ − log π_old) over answer k's
     tokens, loss −Σ_k y_k log softmax(z)_k, averaged over the step's groups. Groups without a correct answer

@@ -18,7 +18,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import TQDMProgressBar
 from torch import Tensor, nn
 
 from nft_lit.distributed import all_gather_objects
@@ -60,20 +59,6 @@ def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
     if not classes:
         raise ValueError(f"{type(model).__name__} declares no decoder layer class (_no_split_modules); cannot shard it")
     return classes
-
-
-class PhaseProgressBar(TQDMProgressBar):
-    """TQDM bar whose description shows the iteration's phase (sync / generate / verify / train)."""
-
-    def set_phase(self, phase: str) -> None:
-        bar = self._train_progress_bar
-        if bar is not None and not bar.disable:
-            bar.set_description(f"Iteration {self.trainer.current_epoch} [{phase}]")
-            bar.refresh()
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        self.set_phase("train")
 
 
 class PolicyModule(pl.LightningModule):
