@@ -40,17 +40,17 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     # resume starts from the last.ckpt written at the end of iteration 2, as after a SIGKILL.
     from nft_lit.datamodule import RolloutDataModule
 
-    original = RolloutDataModule.collect
+    original = RolloutDataModule.rollout
 
-    def dying_collect(self):
+    def dying_rollout(self, *args, **kwargs):
         if self.iteration == 2:
             raise _Killed
-        return original(self)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(RolloutDataModule, "collect", dying_collect)
+    monkeypatch.setattr(RolloutDataModule, "rollout", dying_rollout)
     with pytest.raises(_Killed):
         _run(part, "iterations=4")
-    monkeypatch.setattr(RolloutDataModule, "collect", original)
+    monkeypatch.setattr(RolloutDataModule, "rollout", original)
     mid = _state(part)
     dm_key = next(k for k in mid if "RolloutDataModule" in k)
     assert mid[dm_key]["iteration"] == 1 and mid["global_step"] == 4
