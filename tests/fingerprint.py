@@ -78,11 +78,12 @@ def read_metrics(metrics_csv: Path) -> dict[str, list[float]]:
     return out
 
 
-def make_warmup(cache: Path) -> None:
-    """The tiny demo base policy of tests/conftest.py's ``tiny_warmup`` (1-digit addition, 2 layers)."""
-    from nft_lit.demo.warmup import ModelShape, WarmupConfig, warmup
+def tiny_warmup_config(**overrides: object):
+    """The tiny demo base policy (1-digit addition, 2 layers, 20% sampled pass rate in a few dozen steps): the
+    demo fingerprint's base and tests/conftest.py's ``tiny_warmup``. Keyword arguments override fields."""
+    from nft_lit.demo.warmup import ModelShape, WarmupConfig
 
-    config = WarmupConfig(
+    fields: dict[str, object] = dict(
         name="demo",
         sft_task={"digits": 1, "operation": "+"},
         rl_task={"digits": 1, "operation": "+"},
@@ -97,7 +98,7 @@ def make_warmup(cache: Path) -> None:
         max_pass_rate=1.0,
         max_new_tokens=3,
     )
-    warmup(config, cache / "warmup")
+    return WarmupConfig(**{**fields, **overrides})  # type: ignore[arg-type]
 
 
 def fingerprint(name: str, workdir: Path) -> dict:
@@ -105,7 +106,9 @@ def fingerprint(name: str, workdir: Path) -> dict:
     run_dir = workdir / name
     cache = workdir / "cache"
     if name.startswith("demo"):
-        make_warmup(cache)
+        from nft_lit.demo.warmup import warmup
+
+        warmup(tiny_warmup_config(), cache / "warmup")
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
