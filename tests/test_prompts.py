@@ -10,7 +10,15 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from nft_lit.prompts import DAPO_PREFIX, DAPO_SUFFIX, QWEN_MATH_SYSTEM, PromptTemplate
+from nft_lit.models import build_char_tokenizer
+from nft_lit.prompts import (
+    DAPO_PREFIX,
+    DAPO_SUFFIX,
+    QWEN_MATH_SYSTEM,
+    PromptEncodingError,
+    PromptTemplate,
+    encode_prompt,
+)
 from nft_lit.reward import extract_answer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "prompt"
@@ -84,3 +92,46 @@ def test_verifier_extracts_what_each_template_asks_for():
     assert "Answer: $Answer" in DAPO_PREFIX and "\\boxed{}" in QWEN_MATH_SYSTEM
     assert extract_answer("Step 1: ...\nStep 2: ...\nAnswer: 42") == "42"
     assert extract_answer("so the result is $\\boxed{\\frac{3}{4}}$.") == "\\frac{3}{4}"
+
+
+MATH500_QUESTION = (
+    "Convert the point $(0,3)$ in rectangular coordinates to polar coordinates.  Enter your answer in the form "
+    "$(r,\\theta),$ where $r > 0$ and $0 \\le \\theta < 2 \\pi.$"
+)
+
+
+@pytest.mark.parametrize("template", [None, PromptTemplate()])
+def test_char_tokenizer_on_a_foreign_data_set_names_the_question_and_characters(template):
+    tok = build_char_tokenizer("0123456789+-*=")  # the demo's tokenizer, asked to encode a MATH-500 question
+    with pytest.raises(PromptEncodingError) as info:
+        encode_prompt(MATH500_QUESTION, template, tok)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError) and "WordLevel" not in message
+    assert repr(MATH500_QUESTION[:57] + "...") in message
+    assert "cannot encode this data set" in message
+    missing = sorted(set(MATH500_QUESTION) - set("0123456789+-*="))
+    assert sorted(info.value.missing) == missing and repr(missing) in message
+
+
+def test_unencodable_template_text_blames_the_template():
+    tok = build_char_tokenizer("0123456789+=")
+    with pytest.raises(PromptEncodingError, match=r"\[' ', ':', 'Q'\] .* prompt template's text"):
+        PromptTemplate(prefix="Q: ").encode("1+2=", tok)
+
+
+def test_encoding_that_works_is_unchanged_and_other_errors_pass_through():
+    tok = build_char_tokenizer("0123456789+=")
+    assert encode_prompt("12+3=<eos>", None, tok) == tok.encode("12+3=<eos>", add_special_tokens=False)
+    assert encode_prompt("12+3=", PromptTemplate(), tok) == tok.encode("12+3=", add_special_tokens=True)
+    assert encode_prompt("045+123=", None, CharTokenizer()) == [0, 4, 5, 10, 1, 2, 3, 13]
+    with pytest.raises(PromptEncodingError, match=r"\['\?', 'x'\]"):
+        encode_prompt("x1+1=?", None, CharTokenizer())  # any tokenizer: characters probed one by one
+
+    class Broken(CharTokenizer):
+        def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+            if len(text) > 1:
+                raise RuntimeError("not about characters")
+            return super().encode(text, add_special_tokens)
+
+    with pytest.raises(RuntimeError, match="not about characters"):
+        encode_prompt("1+1=", None, Broken())

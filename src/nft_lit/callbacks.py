@@ -5,6 +5,7 @@ Thin adapters: the evaluation itself is ``evaluation.Evaluation`` (framework-fre
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +14,8 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 from nft_lit.evaluation import Evaluation
 
+log = logging.getLogger(__name__)
+
 
 class PhaseProgressBar(TQDMProgressBar):
     """TQDM bar whose description shows the iteration's phase (sync / generate / verify / train)."""
@@ -20,7 +23,7 @@ class PhaseProgressBar(TQDMProgressBar):
     def set_phase(self, phase: str) -> None:
         bar = self._train_progress_bar
         if bar is not None and not bar.disable:
-            bar.set_description(f"Iteration {self.trainer.current_epoch} [{phase}]")
+            bar.set_description(f"Iteration {self.trainer.current_epoch + 1}/{self.trainer.max_epochs} [{phase}]")
             bar.refresh()
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -54,6 +57,8 @@ class HeldOutEvaluation(pl.Callback):
         metrics = {f"val/{k}": v for k, v in results.items()}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})  # for callbacks/tests
         if trainer.is_global_zero:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if "avg@" in k or "pass@" in k)
+            log.info("held-out evaluation at step %d: %s", trainer.global_step, shown)
             # "epoch" as Lightning's own logging adds it, so CSV rows line up with the per-iteration metrics
             for logger in trainer.loggers:
                 logger.log_metrics(metrics | {"epoch": float(trainer.current_epoch)}, step=trainer.global_step)

@@ -7,11 +7,16 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import nft_lit
+
+log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(nft_lit.__file__).resolve().parents[2] / "configs"
 """The repo's configs/ folder (the package is installed editable from src/)."""
@@ -105,7 +110,39 @@ def _instantiate(node: Any, **kwargs: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def _run_hydra(argv: list[str], task: Any) -> int:
+_HELP = """usage: nft-lit {command} [KEY=VALUE ...] [-m] [--cfg job]
+
+Hydra overrides of configs/train.yaml. Main choices (config groups):
+  experiment=NAME   smoke | demo | demo_smollm2 | compare_cpu | paper_7b | ... (configs/experiment)
+  algorithm=NAME    nft | rft | grpo | dr_grpo | dapo | infonca (configs/algorithm)
+  model=NAME  data=NAME  prompt=NAME  rollout=hf|vllm  reward=math_verify|exact_match  trainer=cpu|...
+Common keys:
+  iterations=N seed=N hydra.run.dir=DIR ckpt_path=last|FILE resume_force=true
+  eval.heldout / eval.benchmarks=[aime24,...] eval.every_n_iterations=N  (evaluation, one node)
+  {extra}
+  -m              sweep (comma-separated values), one folder per run
+  --cfg job       print the composed config and exit
+Docs: README.md, docs/ARCHITECTURE.md, docs/ALGORITHMS.md."""
+_HELP_EXTRA = {
+    "fit": "checkpoint.every_n_iterations=N (last.ckpt is written every iteration)",
+    "validate": "ckpt_path=FILE | model=NAME   prompt=NAME   eval.out=FILE (generations.jsonl beside it)",
+    "export": "ckpt_path=FILE out=DIR",
+}
+
+
+def _hydra_args(argv: list[str]) -> list[str]:
+    """Command-line overrides as Hydra's grammar needs them: a checkpoint path holds '=' (``epoch=3-step=9.ckpt``,
+    the names Lightning writes), which Hydra would read as a second assignment unless the value is quoted."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "ckpt_path" and "=" in value and value[:1] not in "'\"":
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
+def _run_hydra(argv: list[str], task: Any, command: str) -> int:
     """Run ``task(cfg)`` as a Hydra app over configs/train.yaml with ``argv`` as Hydra's command line.
 
     Hydra is driven directly (``hydra.main`` would parse ``sys.argv``, which here still starts with the
@@ -115,32 +152,54 @@ def _run_hydra(argv: list[str], task: Any) -> int:
     from hydra._internal.utils import _run_hydra as run_hydra
     from hydra._internal.utils import get_args_parser
 
+    if any(a in ("-h", "--help") for a in argv):
+        print(_HELP.format(command=command, extra=_HELP_EXTRA[command]))
+        return 0
+
+    def task_reporting_bad_input(cfg: Any) -> Any:
+        try:
+            return task(cfg)
+        except ConfigError as e:  # bad input: the message names the option; a traceback would only hide it
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"nft-lit {command}: {e}", file=sys.stderr)
+            sys.exit(2)
+
     parser = get_args_parser()
     run_hydra(
-        args=parser.parse_args(argv),
+        args=parser.parse_args(_hydra_args(argv)),
         args_parser=parser,
-        task_function=task,
+        task_function=task_reporting_bad_input,
         config_path=str(CONFIG_DIR),
         config_name="train",
     )
     return 0
 
 
+def _command_line_overrides() -> list[str]:
+    """The overrides typed on the command line of the running Hydra job ([] outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def build_callbacks(cfg: Any, evaluation: Any | None) -> list[Any]:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from nft_lit.callbacks import HeldOutEvaluation, PhaseProgressBar
+    from nft_lit.runs import LastCheckpoint
 
+    checkpoints = str(Path(cfg.run_dir) / "checkpoints")
     callbacks: list[Any] = [
         PhaseProgressBar(),
+        # epoch=E-step=S.ckpt every n iterations (the newest kept); last.ckpt after every iteration (runs.py)
         ModelCheckpoint(
-            dirpath=str(Path(cfg.run_dir) / "checkpoints"),
-            save_last=cfg.checkpoint.save_last,
-            # Lightning writes last.ckpt only alongside a top-k save: keep the newest iteration (no monitor).
+            dirpath=checkpoints,
             save_top_k=1,
             every_n_epochs=cfg.checkpoint.every_n_iterations,
             save_on_train_epoch_end=True,
         ),
+        LastCheckpoint(checkpoints),
         LearningRateMonitor(logging_interval="step"),
     ]
     if evaluation is not None:
@@ -148,31 +207,76 @@ def build_callbacks(cfg: Any, evaluation: Any | None) -> list[Any]:
     return callbacks
 
 
-def build_loggers(cfg: Any) -> list[Any]:
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+def build_loggers(cfg: Any, keep_csv_up_to_step: int = -1) -> list[Any]:
+    """TensorBoard and CSV loggers in the run dir; a resumed run's CSV keeps the rows up to its checkpoint."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from nft_lit.runs import ContinuingCSVLogger
 
     loggers: list[Any] = []
     if cfg.logging.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(cfg.run_dir), name="tb", version=""))
+        loggers.append(TensorBoardLogger(save_dir=str(cfg.run_dir), name="tb", version="", default_hp_metric=False))
     if cfg.logging.csv:
-        loggers.append(CSVLogger(save_dir=str(cfg.run_dir), name="csv", version=""))
+        loggers.append(ContinuingCSVLogger(str(cfg.run_dir), keep_csv_up_to_step, name="csv", version=""))
     return loggers
 
 
-def build_trainer(cfg: Any, evaluation: Any | None = None, **overrides: Any) -> Any:
+def build_trainer(cfg: Any, evaluation: Any | None = None, keep_csv_up_to_step: int = -1, **overrides: Any) -> Any:
     from hydra.utils import instantiate
 
     callbacks = build_callbacks(cfg, evaluation)
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg), **overrides)
+    loggers = build_loggers(cfg, keep_csv_up_to_step)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **overrides)
 
 
-def _ckpt_path(cfg: Any) -> str | None:
-    path = cfg.get("ckpt_path")
-    if path is None or path == "last":
-        return path
-    if not Path(str(path)).exists():
-        raise ConfigError(f"ckpt_path={path} does not exist")
-    return str(path)
+def _resume_point(cfg: Any, run_config: dict[str, Any]) -> tuple[str | None, int]:
+    """(checkpoint to resume from or None, its global step or -1); refuses a checkpoint of another experiment."""
+    import torch
+
+    from nft_lit.runs import RunError, config_changes, resolve_checkpoint
+
+    if cfg.get("ckpt_path") is None:
+        return None, -1
+    try:
+        path = resolve_checkpoint(str(cfg.ckpt_path), cfg.run_dir)
+    except RunError as e:
+        raise ConfigError(str(e)) from e
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    changes = config_changes(saved.get("nft_lit_config") or {}, run_config)
+    if changes and not cfg.get("resume_force", False):
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path} ({path}) was trained with another configuration; resuming would mix two"
+            " experiments. Differences:\n  " + "\n  ".join(changes) + "\nPass the same overrides as the"
+            " original run (its .hydra/overrides.yaml), or resume_force=true to continue anyway."
+        )
+    previous = (saved.get("nft_lit_config") or {}).get("iterations")
+    log.info(
+        "resuming %s at global step %d (iteration %d); running to iterations=%s%s",
+        path,
+        saved["global_step"],
+        saved.get("epoch", -1) + 1,
+        cfg.iterations,
+        f" (the checkpoint's run asked for {previous})" if previous not in (None, cfg.iterations) else "",
+    )
+    return str(path), int(saved["global_step"])
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 of a multi-process launch (Lightning's launcher, torchrun and SLURM set these)."""
+    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _quiet_lightning() -> None:
+    """One line per message: Lightning's loggers print through their own handler and through Hydra's root
+    handler (every line twice), so keep Hydra's, which also writes the run's log file; drop Lightning's
+    advertising tip and a deprecation warning Lightning raises from inside itself every run."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if type(h) is not logging.StreamHandler]
+        logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "💡 Tip:" not in r.getMessage())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
 def build_fit(cfg: Any) -> tuple[Any, Any, Any | None]:
@@ -198,23 +302,46 @@ def build_fit(cfg: Any) -> tuple[Any, Any, Any | None]:
 
 def run_fit(cfg: Any) -> dict[str, float]:
     """Build everything from the composed config and train; returns the trainer's last logged metrics."""
+    import contextlib
+
     import lightning.pytorch as pl
     from omegaconf import OmegaConf
 
+    from nft_lit.runs import RunError, RunLock
+
+    _quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)  # before building: nothing random may run unseeded
     module, datamodule, evaluation = build_fit(cfg)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    trainer = build_trainer(cfg, evaluation)
-    ckpt = _ckpt_path(cfg)
-    if ckpt == "last" and not (Path(cfg.run_dir) / "checkpoints" / "last.ckpt").exists():
-        raise ConfigError(f"ckpt_path=last but {Path(cfg.run_dir) / 'checkpoints' / 'last.ckpt'} does not exist")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+    ckpt, resume_step = _resume_point(cfg, module.run_config)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    try:  # the other ranks of a multi-process run share rank 0's folder
+        lock = RunLock(cfg.run_dir) if _is_rank_zero() else contextlib.nullcontext()
+        with lock:
+            trainer = build_trainer(cfg, evaluation, keep_csv_up_to_step=resume_step)
+            for logger in trainer.loggers:  # the resolved config, searchable in TensorBoard's HPARAMS tab
+                logger.log_hyperparams(module.run_config)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except RunError as e:
+        raise ConfigError(str(e)) from e
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        _print_summary(cfg, trainer, metrics)
+    return metrics
+
+
+def _print_summary(cfg: Any, trainer: Any, metrics: dict[str, float]) -> None:
+    """What a finished run did, in a few lines (the numbers are in csv/ and tb/)."""
+    shown = ("train/loss", "rollout/pass_rate", "rollout/reward_mean", "train/entropy", "rollout/logprob_gap")
+    lines = [f"nft-lit fit: {trainer.current_epoch} iterations, {trainer.global_step} optimizer steps"]
+    lines += [f"  {k:<28} {metrics[k]:.4g}" for k in shown if k in metrics]
+    lines += [f"  {k:<28} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("val/") and "avg@" in k]
+    lines.append(f"  run dir: {cfg.run_dir} (checkpoints/last.ckpt, csv/, tb/)")
+    print("\n".join(lines))
 
 
 def fit_command(argv: list[str]) -> int:
-    return _run_hydra(argv, run_fit)
+    return _run_hydra(argv, run_fit, "fit")
 
 
 # ---------------------------------------------------------------------------------------------- validate/export
@@ -224,14 +351,12 @@ def load_policy(ckpt_path: str) -> tuple[Any, Any]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    path = Path(ckpt_path)
-    if path.is_dir():
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} is a sharded checkpoint folder; consolidate it first with"
-            " `python -m lightning.pytorch.utilities.consolidate_checkpoint`"
-        )
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path} does not exist")
+    from nft_lit.runs import RunError, resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint(ckpt_path, ".")
+    except RunError as e:
+        raise ConfigError(str(e)) from e
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if "nft_lit_config" not in ckpt:
         raise ConfigError(f"ckpt_path={ckpt_path} was not written by `nft-lit fit` (no nft_lit_config inside)")
@@ -292,9 +417,15 @@ def build_benchmarks(cfg: Any, fallback_to_data: bool) -> list[Any]:
 
 def run_validate(cfg: Any) -> dict[str, float]:
     """Evaluate ``ckpt_path`` (or a base ``model``) on the ``eval`` benchmarks; log and write JSON."""
+    import json
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
     from nft_lit.evaluation import Evaluation, write_results
     from nft_lit.sampler import Sampler
 
+    _quiet_lightning()
     if cfg.get("ckpt_path") is not None:
         module, run_cfg = load_policy(str(cfg.ckpt_path))
         model = module.model.eval()
@@ -305,28 +436,43 @@ def run_validate(cfg: Any) -> dict[str, float]:
         model, run_cfg = load_model(_instantiate(cfg.model)).eval(), cfg
     else:
         raise ConfigError("validate needs ckpt_path=<checkpoint file>, or model=<config> to evaluate a base model")
+    # The checkpoint's tokenizer; the prompt typed on this command line, else the one it was trained with.
+    prompt_cfg = cfg.prompt if any(o.startswith("prompt") for o in _command_line_overrides()) else run_cfg.get("prompt")
     sampler = Sampler(
         engine=_instantiate(cfg.rollout),
         tokenizer=_instantiate(run_cfg.tokenizer),
         verifier=_instantiate(cfg.reward.verifier),
-        prompt_template=_instantiate(run_cfg.prompt) if run_cfg.get("prompt") is not None else None,
+        prompt_template=_instantiate(prompt_cfg) if prompt_cfg is not None else None,
     )
-    evaluation = Evaluation(build_benchmarks(cfg, fallback_to_data=True), sampler, cfg.eval.batch_prompts)
+    benchmarks = build_benchmarks(cfg, fallback_to_data=True)
+    evaluation = Evaluation(benchmarks, sampler, cfg.eval.batch_prompts, show_progress=True, record_answers=True)
     results = evaluation.run(model)
     for logger in build_loggers(cfg):
         logger.log_metrics({f"validate/{k}": v for k, v in results.items()}, step=0)
         logger.finalize("success")
-    path = write_results(
-        results, cfg.eval.out, {"ckpt_path": str(cfg.get("ckpt_path")), "model": str(cfg.get("model"))}
-    )
+    out = Path(cfg.eval.out)
+    facts = {
+        "ckpt_path": None if cfg.get("ckpt_path") is None else str(cfg.ckpt_path),
+        "model": OmegaConf.to_container(run_cfg.model, resolve=True),
+        "prompt": OmegaConf.to_container(prompt_cfg, resolve=True) if prompt_cfg is not None else None,
+        "benchmarks": [
+            {"name": b.name, "problems": len(b.problems), "num_samples": b.num_samples, **asdict(b.sampling)}
+            for b in benchmarks
+        ],
+        "generations": str(out.with_name("generations.jsonl")),
+    }
+    path = write_results(results, out, facts)
+    with open(facts["generations"], "w", encoding="utf-8") as handle:
+        for answer in evaluation.answers:
+            handle.write(json.dumps(answer, ensure_ascii=False) + "\n")
     for key, value in sorted(results.items()):
         print(f"{key:<40} {value:.4f}")
-    print(f"wrote {path}")
+    print(f"wrote {path} and {facts['generations']} (every answer, graded)")
     return results
 
 
 def validate_command(argv: list[str]) -> int:
-    return _run_hydra(argv, run_validate)
+    return _run_hydra(argv, run_validate, "validate")
 
 
 def run_export(cfg: Any) -> Path:
@@ -344,7 +490,7 @@ def run_export(cfg: Any) -> Path:
 
 
 def export_command(argv: list[str]) -> int:
-    return _run_hydra(argv, run_export)
+    return _run_hydra(argv, run_export, "export")
 
 
 def lightning_cli_command(argv: list[str]) -> int:

@@ -199,7 +199,7 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: malformed JSON ({exc.msg} at column {exc.colno})") from exc
+                raise ValueError(f"{path}:{line_no}: malformed JSON ({exc.msg}, column {exc.colno})") from exc
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             yield line_no, record

@@ -174,9 +174,11 @@ class RolloutDataModule(pl.LightningDataModule):
         was_training = model.training
         model.eval()
         try:
-            stats["logprob_gap"] = fill_old_logprobs(steps, logprob_fn, device, self.max_logprob_gap)
+            gap = fill_old_logprobs(steps, logprob_fn, device, self.max_logprob_gap)
         finally:
             model.train(was_training)
+        if gap is not None:  # not measured when nothing was kept: no value rather than a misleading 0
+            stats["logprob_gap"] = gap
         stats["optimizer_steps"] = float(len(steps))
         steps[0].rollout_stats = stats
         return steps

@@ -12,18 +12,19 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
+from tqdm.auto import tqdm
 
 from nft_lit.data import Problem, ProblemSet
-from nft_lit.distributed import shard_batches
+from nft_lit.distributed import all_gather_objects, shard_batches
 from nft_lit.rollout import SamplingParams
-from nft_lit.sampler import Sampler
+from nft_lit.sampler import Sampler, ScoredAnswers
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -122,31 +123,61 @@ class Benchmark:
             raise ValueError(f"benchmark {self.name}: the problem set is empty")
 
 
-def evaluate_benchmark(benchmark: Benchmark, sampler: Sampler, batch_prompts: int = 64) -> dict[str, float]:
+def evaluate_benchmark(
+    benchmark: Benchmark,
+    sampler: Sampler,
+    batch_prompts: int = 64,
+    record: list[dict[str, Any]] | None = None,
+    show_progress: bool = False,
+) -> dict[str, float]:
     """avg@k and pass@k of ``benchmark`` (all ranks summed), with its seconds and answer tokens.
 
     The one evaluation path: the in-training held-out curve, Lightning's validation loop (``nft-lit cli
     validate``) and ``nft-lit validate`` all come here. The sampler's engine must already hold the weights
     to evaluate (``Sampler.sync``). Every rank must call this (collectives); each samples its own shard.
+    ``record`` receives one dict per graded answer of this rank (problem, answer text, correctness).
     """
     k = benchmark.num_samples
     avg = AvgAtK()
     passes = {j: PassAtK(j) for j in benchmark.pass_k}
     t0 = time.perf_counter()
     tokens = 0
-    for chunk, real in shard_batches(benchmark.problems, batch_prompts):
+    chunks = shard_batches(benchmark.problems, batch_prompts)
+    if show_progress:
+        chunks = tqdm(chunks, desc=f"{benchmark.name} ({len(benchmark.problems)} problems x {k})", unit="batch")
+    for chunk, real in chunks:
         answers = sampler.sample(chunk, k, benchmark.sampling)
         if real:
             correct = torch.tensor(answers.correct, dtype=torch.float32).view(len(chunk), k)[:real]
             for metric in (avg, *passes.values()):
                 metric.update(correct)
             tokens += answers.num_tokens
+            if record is not None:
+                record.extend(_graded_answers(benchmark.name, chunk[:real], answers, sampler))
     # Metric.compute() sums the states over ranks when torch.distributed is initialised.
     results = {f"avg@{k}": float(avg.compute())}
     results.update({f"pass@{j}": float(m.compute()) for j, m in passes.items()})
     results["seconds"] = time.perf_counter() - t0
     results["tokens"] = float(tokens)
     return results
+
+
+def _graded_answers(name: str, problems: Sequence[Any], answers: ScoredAnswers, sampler: Sampler) -> list[dict]:
+    k = answers.num_samples
+    return [
+        {
+            "benchmark": name,
+            "id": getattr(p, "id", None),
+            "question": p.question,
+            "gold": p.answer,
+            "sample": j,
+            "response": sampler.tokenizer.decode(answers.response_ids[i * k + j], skip_special_tokens=True),
+            "truncated": answers.truncated[i * k + j],
+            "correct": answers.correct[i * k + j],
+        }
+        for i, p in enumerate(problems)
+        for j in range(k)
+    ]
 
 
 @dataclass
@@ -160,6 +191,9 @@ class Evaluation:
     benchmarks: Sequence[Benchmark]
     sampler: Sampler
     batch_prompts: int = 64
+    show_progress: bool = False
+    record_answers: bool = False
+    answers: list[dict[str, Any]] = field(default_factory=list)  # every graded answer of the last run (all ranks)
 
     def __post_init__(self) -> None:
         if not self.benchmarks:
@@ -172,11 +206,14 @@ class Evaluation:
         self.sampler.sync(policy)
         out: dict[str, float] = {}
         headline = []
+        mine: list[dict[str, Any]] | None = [] if self.record_answers else None
         for b in self.benchmarks:
-            res = evaluate_benchmark(b, self.sampler, self.batch_prompts)
+            res = evaluate_benchmark(b, self.sampler, self.batch_prompts, mine, self.show_progress)
             out.update({f"{b.name}/{key}": value for key, value in res.items()})
             headline.append(res[f"avg@{b.num_samples}"])
         out["average/avg"] = sum(headline) / len(headline)
+        if mine is not None:
+            self.answers = [a for part in all_gather_objects(mine) for a in part]
         return out
 
 

@@ -1,7 +1,8 @@
 """Model building: tiny random-init causal LMs, a character tokenizer, HF folders and the SmolLM2 conversion.
 
 Everything here builds from plain values so Hydra `_target_`, LightningCLI, tests and notebooks construct
-the same objects; nothing is fetched from the HF hub at run time unless a config names a hub model.
+the same objects. Nothing is fetched from the HF hub at run time: pretrained models and tokenizers are local
+HF folders, checked by `ModelSpec.check` (which `load_model` and `load_tokenizer` run first).
 """
 
 from __future__ import annotations
@@ -31,6 +32,15 @@ CHAR_EOS_ID = 1
 _ARCHS = ("llama", "qwen2")
 CHAR_PREFIX = "char:"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HF_FOLDER = "a local Hugging Face folder (config.json, weights, tokenizer files: what save_pretrained writes)"
+_NO_HUB = "nft-lit runs offline: there is no model hub at run time, models must be local folders"
+
+
+class ModelFolderError(FileNotFoundError, ValueError):
+    """`model.pretrained` / `model.tokenizer` / `model.gguf_file` names no usable local folder or file.
+
+    A `FileNotFoundError` and a `ValueError`: the front ends turn the latter into a one-line message.
+    """
 
 
 def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
@@ -127,13 +137,17 @@ def tiny_causal_lm(
 
 @dataclass
 class ModelSpec:
-    """What model to train: a pretrained HF folder/hub name, or a random-init tiny model.
+    """What model to train: a pretrained local HF folder, or a random-init tiny model.
 
-    Exactly one of `pretrained` (HF folder, or hub name when the machine has the hub) and `config`
-    (random init: `arch` plus the keyword arguments of `tiny_causal_lm`) is set. `tokenizer` is an HF
-    folder/hub name, or `"char:<alphabet>"` for `build_char_tokenizer`; None means "same as pretrained".
+    Exactly one of `pretrained` (a local HF folder; no hub names, nothing is downloaded) and `config`
+    (random init: `arch` plus the keyword arguments of `tiny_causal_lm`) is set. `tokenizer` is a local
+    HF folder, or `"char:<alphabet>"` for `build_char_tokenizer`; None means "same as pretrained".
     With a char tokenizer and no `vocab_size` in `config`, the vocab size is taken from the tokenizer.
     `gguf_file` loads a GGUF checkpoint inside the `pretrained` folder (transformers dequantises it).
+
+    Construction checks the values only; `check()` checks that the folders exist on this machine (so
+    configs naming a model that is not here still compose and instantiate). `load_model` and
+    `load_tokenizer` run `check()` first; a front end may run it earlier, before building anything else.
     """
 
     pretrained: str | None = None
@@ -171,11 +185,63 @@ class ModelSpec:
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 
+    def check(self) -> None:
+        """Raise `ModelFolderError`, naming the option, unless `pretrained` / `tokenizer` are local folders.
+
+        `pretrained` must hold config.json (or the `gguf_file`); a separate `tokenizer` must be a folder.
+        """
+        if self.pretrained is not None:
+            _check_folder("model.pretrained", self.pretrained, needs_config=self.gguf_file is None)
+            if self.gguf_file is not None and not (Path(self.pretrained) / self.gguf_file).is_file():
+                raise ModelFolderError(
+                    f"model.gguf_file={self.gguf_file}: no such file in model.pretrained={self.pretrained}"
+                )
+        if self.tokenizer is not None and not self.tokenizer.startswith(CHAR_PREFIX):
+            _check_folder("model.tokenizer", self.tokenizer, needs_config=False)
+
+
+def _check_folder(option: str, value: str, needs_config: bool) -> None:
+    """`option=value` is an existing folder (holding config.json when `needs_config`), else a clear error."""
+    path = Path(value)
+    if path.is_dir():
+        if not needs_config or (path / "config.json").is_file():
+            return
+        problem = f"{option}={value} has no config.json, so it is not {_HF_FOLDER}"
+    elif path.exists():
+        problem = f"{option}={value} is a file, not a folder; expected {_HF_FOLDER}"
+        if path.suffix == ".gguf":
+            problem += f" (for a GGUF file pass {option}={path.parent} model.gguf_file={path.name})"
+    else:
+        problem = f"{option}={value}: the folder does not exist; expected {_HF_FOLDER}"
+    hints = [_NO_HUB]
+    if _is_smollm2_dir(path):
+        again = "" if not path.exists() else " --force"
+        hints.append(f"this is the SmolLM2 folder: create it first with `nft-lit convert-smollm2{again}`")
+    elif not path.exists() and value.startswith("~"):
+        hints.append("`~` is not expanded here: give the full path")
+    elif not path.exists() and not path.is_absolute() and not value.startswith(".") and value.count("/") <= 1:
+        hints.append(
+            f"{value!r} looks like a hub name: download it where the hub is reachable (e.g. `huggingface-cli "
+            f"download {value} --local-dir DIR`), copy DIR here and pass {option}=DIR"
+        )
+    raise ModelFolderError(f"{problem}. {'; '.join(hints)}.")
+
+
+def _is_smollm2_dir(path: Path) -> bool:
+    try:
+        return path.expanduser().resolve() == default_smollm2_dir().expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
+
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    """The spec's tokenizer; a pad token is set (to EOS) when the checkpoint has none."""
+    """The spec's tokenizer; a pad token is set (to EOS) when the checkpoint has none.
+
+    Runs `spec.check()` first: a missing folder fails naming the option, not deep inside transformers.
+    """
     from transformers import AutoTokenizer
 
+    spec.check()
     name = spec.tokenizer or spec.pretrained
     if name.startswith(CHAR_PREFIX):
         return build_char_tokenizer(name[len(CHAR_PREFIX) :])
@@ -192,7 +258,9 @@ def load_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None
     """Build (random init) or load (pretrained) the causal LM in `spec.dtype`.
 
     For random init the special-token ids and, unless given, the vocab size come from the tokenizer.
+    Runs `spec.check()` first: a missing folder fails naming the option, not deep inside transformers.
     """
+    spec.check()
     if spec.config is not None:
         tokenizer = tokenizer or load_tokenizer(spec)
         kwargs = {"vocab_size": len(tokenizer), **spec.config}

@@ -237,6 +237,8 @@ class PolicyModule(pl.LightningModule):
 
     def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor | None:
         self._rollout_stats.update(batch.rollout_stats)
+        if "reward_mean" in batch.rollout_stats:  # the progress bar's view of the iteration (logged at epoch end)
+            self.log("reward", batch.rollout_stats["reward_mean"], prog_bar=True, logger=False, batch_size=1)
         if not batch.micro_batches:
             return None  # an iteration that kept no group (identical on every rank): no update
         optimizer = self.optimizers()

@@ -9,7 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["DAPO_PREFIX", "DAPO_SUFFIX", "QWEN_MATH_SYSTEM", "PromptTemplate", "PromptTokenizer"]
+__all__ = [
+    "DAPO_PREFIX",
+    "DAPO_SUFFIX",
+    "QWEN_MATH_SYSTEM",
+    "PromptEncodingError",
+    "PromptTemplate",
+    "PromptTokenizer",
+    "encode_prompt",
+]
 
 # DAPO-Math-17k's prompt (the released DAPO/NFT training data wraps every question in it).
 DAPO_PREFIX = (
@@ -28,6 +36,62 @@ class PromptTokenizer(Protocol):
     """
 
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+class PromptEncodingError(ValueError):
+    """The tokenizer cannot encode a prompt (e.g. a character-level tokenizer meets a character outside its
+    alphabet): names the question and the characters it has no token for."""
+
+    def __init__(self, question: str, missing: list[str]) -> None:
+        self.question = question
+        self.missing = missing
+        short = question if len(question) <= 60 else question[:57] + "..."
+        chars = sorted(missing)
+        shown = repr(chars[:40])[:-1] + (", ...]" if len(chars) > 40 else "]")
+        where = f"this model's tokenizer has no token for the characters {shown} ({len(chars)} distinct)"
+        if any(c in question for c in missing):
+            verdict = (
+                "so this model's tokenizer cannot encode this data set (a character-level tokenizer knows only "
+                "its alphabet: evaluate such a model on data of its own task)"
+            )
+        else:
+            where += " of the prompt template's text (the question itself encodes)"
+            verdict = "so this prompt template does not fit this model's tokenizer"
+        super().__init__(f"cannot encode the prompt of question {short!r}: {where}, {verdict}")
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool, question: str) -> list[int]:
+    """``tokenizer.encode`` of ``text``; a failure caused by characters it cannot encode becomes a
+    ``PromptEncodingError`` (found only after the failure, so the normal path costs nothing extra)."""
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    except Exception as exc:  # the tokenizers library raises a bare Exception ("Missing [UNK] token")
+        missing = _unencodable_characters(tokenizer, text)
+        if not missing:
+            raise
+        raise PromptEncodingError(question, missing) from exc
+
+
+def _unencodable_characters(tokenizer: Any, text: str) -> list[str]:
+    """The distinct characters of ``text`` (in order of appearance) that ``tokenizer`` cannot encode alone.
+
+    Special tokens written out in the text (``<eos>``, chat markup) are encoded whole, so they are removed
+    first. A vocab of single characters (``models.build_char_tokenizer``) is looked up directly.
+    """
+    for token in getattr(tokenizer, "all_special_tokens", None) or []:
+        text = text.replace(token, "")
+    chars = list(dict.fromkeys(text))
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    if vocab is not None and all(len(t) == 1 for t in vocab if t not in specials):
+        return [c for c in chars if c not in vocab]
+    missing = []
+    for char in chars:
+        try:
+            tokenizer.encode(char, add_special_tokens=False)
+        except Exception:  # any failure means this character cannot be encoded
+            missing.append(char)
+    return missing
 
 
 @dataclass(frozen=True)
@@ -84,11 +148,15 @@ class PromptTemplate:
         """
         text = self.render(question, tokenizer)
         add_special = self.add_special_tokens and not self.uses_chat(tokenizer)
-        return list(tokenizer.encode(text, add_special_tokens=add_special))
+        return _encode(tokenizer, text, add_special, question)
 
 
 def encode_prompt(question: str, template: PromptTemplate | None, tokenizer: Any) -> list[int]:
-    """Prompt token ids: through the template when given, else the bare question without special tokens."""
+    """Prompt token ids: through the template when given, else the bare question without special tokens.
+
+    A tokenizer that cannot encode the text raises ``PromptEncodingError`` (a ``ValueError``) naming the
+    question and the characters it has no token for.
+    """
     if template is None:
-        return list(tokenizer.encode(question, add_special_tokens=False))
+        return _encode(tokenizer, question, False, question)
     return template.encode(question, tokenizer)

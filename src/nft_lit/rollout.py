@@ -153,6 +153,10 @@ def _as_id_set(eos_token_id: int | Sequence[int] | None, what: str) -> set[int]:
     return ids
 
 
+# generate() options read only when sampling (transformers' logits warpers, skipped under do_sample=False).
+_SAMPLING_ONLY_FLAGS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
 def _is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -241,23 +245,21 @@ class HFGenerateEngine:
         width = input_ids.shape[1]
         # Every distribution-changing option is set explicitly: generate() fills unset ones from the model's
         # generation_config (e.g. Qwen2.5-Instruct ships top_k=20, repetition_penalty=1.05).
-        sample_kwargs: dict[str, Any] = {
-            "repetition_penalty": 1.0,
-            "no_repeat_ngram_size": 0,
-            "min_new_tokens": 0,
-            "typical_p": 1.0,
-            "epsilon_cutoff": 0.0,
-            "eta_cutoff": 0.0,
-            "min_p": 0.0,
-        }
+        sample_kwargs: dict[str, Any] = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
         if sampling.greedy:
-            sample_kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=0)
+            # The sampling-only warpers are never applied without do_sample; None unsets them (a value such as
+            # top_k=0 or min_p=0.0 makes transformers warn "generation flags are not valid" on every call).
+            sample_kwargs.update(dict.fromkeys(_SAMPLING_ONLY_FLAGS), do_sample=False)
         else:
             sample_kwargs.update(
                 do_sample=True,
                 temperature=float(sampling.temperature),
                 top_p=float(sampling.top_p),
                 top_k=sampling.top_k,
+                typical_p=1.0,
+                epsilon_cutoff=0.0,
+                eta_cutoff=0.0,
+                min_p=0.0,
             )
         out = model.generate(
             input_ids=input_ids.to(device),

@@ -202,8 +202,9 @@ def build_steps(
 @torch.no_grad()
 def fill_old_logprobs(
     steps: list[StepBatch], logprob_fn: LogprobFn, device: torch.device | str, max_gap: float | None = None
-) -> float:
-    """Recompute logπ_old with the training model; returns the engine/trainer log-prob gap (all ranks).
+) -> float | None:
+    """Recompute logπ_old with the training model; returns the engine/trainer log-prob gap (all ranks), None
+    when there was no response token to measure it on.
 
     ``logprob_fn`` is the policy's log-prob function (``PolicyModule.response_logprobs``); the caller puts
     the model in eval mode. A gap above ``max_gap`` raises ``LogprobGapError`` (a broken weight sync).
@@ -220,6 +221,9 @@ def fill_old_logprobs(
                 gap_sum += logprob_gap(mb.engine_logprobs, lp, mask) * n
                 tokens += n
     totals = all_gather_objects((gap_sum, tokens))
-    gap = sum(s for s, _ in totals) / max(sum(t for _, t in totals), 1.0)
+    all_tokens = sum(t for _, t in totals)
+    if all_tokens == 0:
+        return None
+    gap = sum(s for s, _ in totals) / all_tokens
     check_logprob_gap(gap, max_gap)
     return gap

@@ -54,6 +54,9 @@ def verify_command(argv: list[str]) -> int:
     parser.add_argument("--exact", action="store_true", help="exact string match instead of math-verify")
     args = parser.parse_args(argv)
     try:
+        out_dir = Path(args.output).resolve().parent
+        if not out_dir.is_dir():  # checked before grading, which can take minutes
+            raise ValueError(f"{args.output}: the output folder {out_dir} does not exist")
         records = _read_pairs(args.input)
         verifier = (
             ExactMatchVerifier()
