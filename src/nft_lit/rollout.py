@@ -8,16 +8,18 @@ R_t = π_θ/π_old), and `logprob_gap` measures how far the engine's numbers are
 Two engines implement the `RolloutEngine` protocol:
 - `HFGenerateEngine` samples with the live training model (`model.generate`, KV cache, left padding).
 - `VLLMEngine` runs a colocated `vllm.LLM` in the training process and copies the trained weights into it
-  on every `sync_weights`.
+  on every `sync_weights`; it runs in the policy's dtype unless told otherwise (`rollout.dtype`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -195,6 +197,7 @@ class HFGenerateEngine:
         if not callable(getattr(model, "generate", None)):
             raise TypeError(f"HFGenerateEngine.sync_weights: {type(model).__name__} has no .generate()")
         self._model = model
+        _record_sync_dtypes(None, None)  # samples with the policy itself
         return {"sync/seconds": 0.0}
 
     def _special_ids(self, model: nn.Module) -> tuple[int, set[int]]:
@@ -317,6 +320,69 @@ def _import_vllm() -> Any:
     return vllm
 
 
+POLICY_DTYPE = "policy"
+# dtype names vLLM takes besides "auto"
+_VLLM_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+# (engine dtype, policy dtype) when the latest `sync_weights` in this process copied a policy into an engine
+# running in another dtype, else None. `check_logprob_gap` names them: the gap is checked in steps.py, which
+# never sees the engine.
+_sync_dtype_mismatch: tuple[torch.dtype, torch.dtype] | None = None
+
+
+def _record_sync_dtypes(engine: torch.dtype | None, policy: torch.dtype | None) -> None:
+    global _sync_dtype_mismatch
+    _sync_dtype_mismatch = (engine, policy) if engine is not None and policy is not None and engine != policy else None
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's floating-point parameters (the first one's, as transformers' `model.dtype`)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def folder_dtype(model_path: str | os.PathLike) -> str:
+    """The dtype an HF folder's config.json names (`dtype`, or `torch_dtype` before transformers 4.56), as
+    vLLM takes it; "auto" when it names none vLLM runs (vLLM's "auto" turns a float32 folder into bfloat16)."""
+    config = json.loads(Path(model_path, "config.json").read_text())
+    for node in (config, config.get("text_config") or {}):
+        name = node.get("dtype") or node.get("torch_dtype")
+        if name in _VLLM_DTYPES:
+            return name
+    return "auto"
+
+
+class _DropDtypeCastWarnings(logging.Filter):
+    """Drops vLLM's "Attempted to load weight ... with dtype" warning, one per tensor on every sync, once
+    `VLLMEngine` has said (once) that the policy's dtype differs from the engine's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Attempted to load weight" not in str(record.msg)
+
+
+@contextmanager
+def _without_vllm_dtype_cast_warnings() -> Iterator[None]:
+    logger = logging.getLogger("vllm.model_executor.models.utils")
+    drop = _DropDtypeCastWarnings()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 class VLLMEngine:
     """A colocated `vllm.LLM` (same process as training) that samples from synced trained weights.
 
@@ -329,6 +395,13 @@ class VLLMEngine:
     renormalised truncated distribution, so the engine returns NaN log-probs rather than wrong numbers
     (`logprob_gap` rejects them; use `HFGenerateEngine` if exact log-probs under truncation are needed).
 
+    `dtype="policy"` (the default) runs vLLM in the dtype of the model it is synced with, so its log-probs
+    match the trainer's (a float32 policy: ~1e-7); the `vllm.LLM` then starts at the first `sync_weights`
+    (or, used before any sync, in the dtype of the folder's config.json). An explicit "float32",
+    "bfloat16" or "float16" starts it at once in that dtype; "auto" lets vLLM choose from the folder
+    (bfloat16 for a float32 folder). An engine dtype other than the policy's is logged once at sync and
+    named by `check_logprob_gap`.
+
     Colocation needs the engine core in this process, so `VLLM_ENABLE_V1_MULTIPROCESSING` is set to 0.
     One engine per rank: pass `distributed_executor_backend="external_launcher"` with
     `tensor_parallel_size` = ranks sharing one engine; on a single process leave it None.
@@ -338,7 +411,7 @@ class VLLMEngine:
         self,
         model_path: str,
         tokenizer_path: str | None = None,
-        dtype: str = "auto",
+        dtype: str = POLICY_DTYPE,
         gpu_memory_utilization: float = 0.5,
         tensor_parallel_size: int = 1,
         enable_sleep_mode: bool = False,
@@ -356,6 +429,11 @@ class VLLMEngine:
                 f"VLLMEngine: model_path={model_path!r} is not an HF model folder (no config.json); "
                 "save the model first with nft_lit.models.save_hf_folder"
             )
+        if dtype not in (POLICY_DTYPE, "auto", *_VLLM_DTYPES):
+            raise ValueError(
+                f"VLLMEngine: dtype must be {POLICY_DTYPE!r} (the synced model's), 'auto' (vLLM's choice from the "
+                f"folder) or one of {sorted(_VLLM_DTYPES)}, got {dtype!r}"
+            )
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"VLLMEngine: gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if sleep_level not in (1, 2):
@@ -370,29 +448,59 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         self._vllm = vllm
+        self.model_path = model_path
+        self.requested_dtype = dtype
         self.sleep_level = sleep_level
         self.enable_sleep_mode = bool(enable_sleep_mode) and current_platform.is_sleep_mode_available()
         if enable_sleep_mode and not self.enable_sleep_mode:
             log.info("VLLMEngine: sleep mode is not available on %s; running without it", current_platform.device_name)
-        self.llm = vllm.LLM(
-            model=model_path,
-            tokenizer=tokenizer_path or model_path,
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size,
-            enable_sleep_mode=self.enable_sleep_mode,
-            max_model_len=max_model_len,
-            seed=seed,
-            max_num_seqs=max_num_seqs,
-            enforce_eager=enforce_eager,
-            distributed_executor_backend=distributed_executor_backend,
-            logprobs_mode="processed_logprobs",
+        self._llm_kwargs: dict[str, Any] = {
+            "model": model_path,
+            "tokenizer": tokenizer_path or model_path,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "tensor_parallel_size": tensor_parallel_size,
+            "enable_sleep_mode": self.enable_sleep_mode,
+            "max_model_len": max_model_len,
+            "seed": seed,
+            "max_num_seqs": max_num_seqs,
+            "enforce_eager": enforce_eager,
+            "distributed_executor_backend": distributed_executor_backend,
+            "logprobs_mode": "processed_logprobs",
             **(engine_kwargs or {}),
-        )
-        if eos_token_id is None:
-            eos_token_id = self.llm.get_tokenizer().eos_token_id
-        self.eos_ids = _as_id_set(eos_token_id, "VLLMEngine")
+        }
+        self.eos_ids = _as_id_set(eos_token_id, "VLLMEngine") if eos_token_id is not None else set()
+        self._llm: Any = None
         self._asleep = False
+        self._warned_dtypes: set[tuple[torch.dtype, torch.dtype]] = set()
+        if dtype != POLICY_DTYPE:
+            self._start(dtype)
+
+    def _start(self, dtype: str) -> None:
+        log.info("VLLMEngine: starting vLLM in %s (rollout.dtype=%s)", dtype, self.requested_dtype)
+        self._llm = self._vllm.LLM(dtype=dtype, **self._llm_kwargs)
+        if not self.eos_ids:
+            self.eos_ids = _as_id_set(self._llm.get_tokenizer().eos_token_id, "VLLMEngine")
+
+    @property
+    def llm(self) -> Any:
+        """The `vllm.LLM`; with dtype="policy" not yet synced, started in the folder's dtype."""
+        if self._llm is None:
+            self._start(folder_dtype(self.model_path))
+        return self._llm
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype vLLM runs the model in; None until it has started."""
+        return None if self._llm is None else self._llm.llm_engine.model_config.dtype
+
+    def _start_for(self, model: nn.Module) -> None:
+        policy = _model_dtype(model)
+        if policy is None:
+            self._start(folder_dtype(self.model_path))
+        elif policy in _VLLM_DTYPES.values():
+            self._start(_dtype_name(policy))
+        else:
+            raise VLLMError(f"VLLMEngine: vLLM cannot run the policy's {_dtype_name(policy)}; set rollout.dtype")
 
     def _wake(self) -> None:
         if self._asleep:
@@ -400,6 +508,19 @@ class VLLMEngine:
             self._asleep = False
 
     def sync_weights(self, model: nn.Module) -> dict[str, float]:
+        if self._llm is None:
+            self._start_for(model)
+        engine_dtype, policy_dtype = self.dtype, _model_dtype(model)
+        _record_sync_dtypes(engine_dtype, policy_dtype)
+        differ = None not in (engine_dtype, policy_dtype) and engine_dtype != policy_dtype
+        if differ and (engine_dtype, policy_dtype) not in self._warned_dtypes:
+            self._warned_dtypes.add((engine_dtype, policy_dtype))
+            log.warning(
+                "VLLMEngine runs in %s but the policy is %s: its log-probs will differ from the trainer's "
+                "(rollout/logprob_gap ~1e-3 to 1e-2); rollout.dtype=policy samples in the policy's dtype",
+                _dtype_name(engine_dtype),
+                _dtype_name(policy_dtype),
+            )
         start = time.perf_counter()
         self._wake()
         counted = {"tensors": 0, "elements": 0}
@@ -410,7 +531,8 @@ class VLLMEngine:
                 counted["elements"] += tensor.numel()
                 yield name, tensor
 
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counting(_full_state_dict(model))})
+        with _without_vllm_dtype_cast_warnings() if differ else nullcontext():
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": counting(_full_state_dict(model))})
         self.llm.reset_prefix_cache()
         return {
             "sync/seconds": time.perf_counter() - start,
@@ -420,6 +542,7 @@ class VLLMEngine:
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], num_samples: int, sampling: SamplingParams) -> RolloutBatch:
         prompts = _check_prompts(prompt_ids, num_samples)
+        llm = self.llm
         self._wake()
         want_logprobs = not sampling.truncates
         params = [
@@ -437,7 +560,7 @@ class VLLMEngine:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         responses: list[list[int]] = []
         logprobs: list[list[float]] = []
         truncated: list[bool] = []
@@ -451,13 +574,14 @@ class VLLMEngine:
                 else:
                     logprobs.append([math.nan] * len(ids))
         if self.enable_sleep_mode:
-            self.llm.sleep(level=self.sleep_level)
+            llm.sleep(level=self.sleep_level)
             self._asleep = True
         return RolloutBatch(prompts, responses, logprobs, truncated, num_samples)
 
 
 class LogprobGapError(RuntimeError):
-    """The rollout engine's log-probs disagree with the training model's: the weight sync is broken."""
+    """The rollout engine's log-probs disagree with the training model's: a broken weight sync, or an engine
+    running in another dtype than the policy."""
 
 
 def logprob_gap(engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
@@ -479,12 +603,30 @@ def logprob_gap(engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, m
     return (engine - trainer_logprobs.detach().double()[keep]).abs().mean().item()
 
 
-def check_logprob_gap(gap: float, max_gap: float | None) -> None:
-    """Fail fast on a broken sync: raise `LogprobGapError` when `gap` exceeds `max_gap` (None = off)."""
+def check_logprob_gap(
+    gap: float,
+    max_gap: float | None,
+    *,
+    dtypes: tuple[torch.dtype | str, torch.dtype | str] | None = None,
+) -> None:
+    """Fail fast on a broken sync: raise `LogprobGapError` when `gap` exceeds `max_gap` (None = off).
+
+    `dtypes` is (engine dtype, policy dtype); when they differ the error names them as the likely cause.
+    None: what the latest `sync_weights` in this process found (`VLLMEngine` records a difference).
+    """
     if max_gap is None:
         return
     if not gap <= max_gap:  # also catches NaN
+        if dtypes is None:
+            dtypes = _sync_dtype_mismatch
+        head = f"mean |engine - trainer| log-prob gap {gap:.3g} exceeds max_gap={max_gap:.3g}: "
+        if dtypes is not None and _dtype_name(dtypes[0]) != _dtype_name(dtypes[1]):
+            engine, policy = _dtype_name(dtypes[0]), _dtype_name(dtypes[1])
+            raise LogprobGapError(
+                f"{head}the rollout engine runs in {engine} but the policy is {policy}, which alone moves "
+                f"log-probs by ~1e-3 to 1e-2; set rollout.dtype=policy (or {policy}) to sample in the policy's "
+                "dtype, or raise max_gap (datamodule.max_logprob_gap) to accept the difference"
+            )
         raise LogprobGapError(
-            f"mean |engine - trainer| log-prob gap {gap:.3g} exceeds max_gap={max_gap:.3g}: the rollout "
-            "engine is not sampling from the trained weights (missed or partial weight sync?)"
+            f"{head}the rollout engine is not sampling from the trained weights (missed or partial weight sync?)"
         )

@@ -1,0 +1,177 @@
+"""A run's folder over its life (issue "Runs you can trust"): checkpoints, kills, resume, lock, bad input."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _rollout_fakes import PARITY_OVERRIDES
+
+from nft_lit.cli import _hydra_args
+from nft_lit.runs import RunError, RunLock, config_changes, resolve_checkpoint
+
+TESTS = Path(__file__).parent
+SMOKE = ["experiment=smoke", "eval.every_n_iterations=2", *PARITY_OVERRIDES, "logging.tensorboard=false"]
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+
+
+def _nft_lit(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "nft_lit.cli", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=400)
+    assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
+    return proc
+
+
+def _epoch(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
+
+
+def _csv_epochs(run: Path) -> list[int]:
+    with open(run / "csv" / "metrics.csv", newline="") as handle:
+        return sorted({int(float(r["epoch"])) for r in csv.DictReader(handle) if r.get("train/loss")})
+
+
+@pytest.mark.slow
+def test_last_checkpoint_is_the_final_state_and_resume_continues_the_metrics(tmp_path):
+    run = tmp_path / "run"
+    _nft_lit("fit", *SMOKE, "iterations=3", "checkpoint.every_n_iterations=2", f"hydra.run.dir={run}")
+    ckpts = run / "checkpoints"
+    assert _epoch(ckpts / "last.ckpt") == 2  # the final iteration, though numbered ones come every 2
+    numbered = [p for p in ckpts.glob("epoch=*.ckpt")]
+    assert [p.name for p in numbered] == ["epoch=1-step=4.ckpt"]
+
+    # resume by the name Lightning wrote ('=' inside the value), to more iterations
+    _nft_lit("fit", *SMOKE, "iterations=5", f"ckpt_path={numbered[0]}", f"hydra.run.dir={run}")
+    assert _epoch(ckpts / "last.ckpt") == 4 and not list(ckpts.glob("last-v*.ckpt"))
+    assert _csv_epochs(run) == [0, 1, 2, 3, 4]  # iteration 2 was re-run from the checkpoint: logged once
+
+    # another experiment on this checkpoint: refused, naming what differs; resume_force takes it anyway
+    refused = _nft_lit(
+        "fit", *SMOKE, "algorithm=grpo", "iterations=6", "ckpt_path=last", f"hydra.run.dir={run}", ok=False
+    )
+    assert "algorithm.name: 'nft' -> 'grpo'" in refused.stderr and "Traceback" not in refused.stderr
+    assert refused.returncode == 2
+    _nft_lit("fit", *SMOKE, "iterations=6", "ckpt_path=last", "resume_force=true", f"hydra.run.dir={run}")
+    assert _epoch(ckpts / "last.ckpt") == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_a_killed_run_resumes_from_its_newest_complete_checkpoint(tmp_path, sig):
+    run = tmp_path / "run"
+    args = ["fit", *SMOKE, "iterations=6", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, "-m", "nft_lit.cli", *args], env=_env(), stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    assert last.exists()
+    killed_at = _epoch(resolve_checkpoint("last", run))
+    assert killed_at < 5, "the run finished before it could be killed"
+    _nft_lit(*args, "ckpt_path=last")
+    assert _epoch(last) == 5
+    assert _csv_epochs(run) == [0, 1, 2, 3, 4, 5]
+    assert not (run / ".lock").exists()
+
+
+def _fake_checkpoint(path: Path, step: int) -> Path:
+    torch.save({"global_step": step, "epoch": step}, path)
+    return path
+
+
+def test_ckpt_path_last_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    _fake_checkpoint(folder / "epoch=0-step=2.ckpt", 2)
+    newest = _fake_checkpoint(folder / "epoch=1-step=4.ckpt", 4)
+    (folder / "last.ckpt").write_bytes(newest.read_bytes()[:100])  # a save cut short
+    assert resolve_checkpoint("last", tmp_path) == newest
+    (folder / "last.ckpt").unlink()
+    assert resolve_checkpoint("last", tmp_path) == newest
+    for p in folder.iterdir():
+        p.write_text("garbage")
+    with pytest.raises(RunError, match="no complete checkpoint"):
+        resolve_checkpoint("last", tmp_path)
+    with pytest.raises(RunError, match=r"ckpt_path=.*garbage.ckpt does not exist"):
+        resolve_checkpoint(str(tmp_path / "garbage.ckpt"), tmp_path)
+    with pytest.raises(RunError, match="not a complete checkpoint"):
+        resolve_checkpoint(str(folder / "epoch=1-step=4.ckpt"), tmp_path)
+
+
+def test_checkpoint_paths_with_equals_signs_reach_hydra_quoted():
+    assert _hydra_args(["ckpt_path=d/epoch=2-step=6.ckpt", "seed=1"]) == ["ckpt_path='d/epoch=2-step=6.ckpt'", "seed=1"]
+    assert _hydra_args(["ckpt_path=last", "+ckpt_path='a=b'"]) == ["ckpt_path=last", "+ckpt_path='a=b'"]
+
+
+def test_run_lock_refuses_a_live_holder_and_clears_a_stale_one(tmp_path):
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+        with (
+            pytest.raises(RunError, match=f"in use by another `nft-lit fit` \\(pid {os.getpid()}\\)"),
+            RunLock(tmp_path),
+        ):
+            pass
+    assert not (tmp_path / ".lock").exists()
+    (tmp_path / ".lock").write_text("999999999")  # a killed run's
+    with RunLock(tmp_path):
+        pass
+
+
+def test_config_changes_name_each_differing_key():
+    saved = {"algorithm": {"name": "nft", "loss": {"epsilon": 1.0}}, "seed": 0, "iterations": 5}
+    new = {"algorithm": {"name": "nft", "loss": {"epsilon": 0.5}}, "seed": 0, "iterations": 50}
+    assert config_changes(saved, new) == ["algorithm.loss.epsilon: 1.0 -> 0.5"]  # iterations may change
+
+
+def test_bad_checkpoint_and_bad_values_fail_in_one_line():
+    garbage = Path(os.environ.get("TMPDIR", "/tmp")) / f"nft-lit-garbage-{os.getpid()}.ckpt"
+    garbage.write_text("not a checkpoint")
+    try:
+        proc = _nft_lit("validate", f"ckpt_path={garbage}", ok=False)
+    finally:
+        garbage.unlink()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"nft-lit validate: ckpt_path={garbage} is not a complete checkpoint" in proc.stderr
+    proc = _nft_lit("fit", "experiment=smoke", "algorithm.num_answers=1", ok=False)
+    assert "nft-lit fit: algorithm.num_answers (K) must be >= 2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_each_command_has_its_own_help():
+    out = _nft_lit("fit", "--help").stdout
+    assert out.startswith("usage: nft-lit fit") and "powered by Hydra" not in out and len(out.splitlines()) < 25
+
+
+@pytest.mark.slow
+def test_validate_uses_the_prompt_given_and_saves_every_answer(tmp_path):
+    run = tmp_path / "run"
+    _nft_lit("fit", *SMOKE, "iterations=1", f"hydra.run.dir={run}")
+    ckpt = run / "checkpoints" / "last.ckpt"
+    common = [
+        "validate",
+        "experiment=smoke",
+        f"ckpt_path={ckpt}",
+        "reward.verifier._target_=_rollout_fakes.GoldParityVerifier",
+    ]
+    _nft_lit(*common, f"hydra.run.dir={tmp_path / 'v1'}")
+    _nft_lit(*common, "prompt.template='{question}='", f"hydra.run.dir={tmp_path / 'v2'}")
+    one, two = (json.loads((tmp_path / v / "validate.json").read_text()) for v in ("v1", "v2"))
+    assert one["ckpt_path"] == str(ckpt) and one["model"]["config"]["hidden_size"] == 64
+    assert one["prompt"]["template"] == "{question}" and two["prompt"]["template"] == "{question}="
+    answers = [json.loads(line) for line in (tmp_path / "v2" / "generations.jsonl").read_text().splitlines()]
+    assert len(answers) == 8 and {"question", "gold", "response", "correct", "truncated"} <= set(answers[0])
+    assert sum(a["correct"] for a in answers) / 8 == pytest.approx(two["results"]["heldout/avg@1"])
