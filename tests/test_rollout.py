@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from _rollout_fakes import padded_logprobs, recompute_logprobs
@@ -169,8 +171,41 @@ def test_skipped_sync_is_detected_by_gap(prompts, tokenizer):
     assert synced_gap <= 1e-5
     assert stale_gap > 1e-2
     check_logprob_gap(synced_gap, max_gap=1e-3)
-    with pytest.raises(LogprobGapError, match="max_gap"):
+    with pytest.raises(LogprobGapError, match=r"max_gap.*weight sync"):
         check_logprob_gap(stale_gap, max_gap=1e-3)
+
+
+def test_gap_error_names_an_engine_dtype_other_than_the_policys():
+    with pytest.raises(LogprobGapError, match=r"engine runs in bfloat16 but the policy is float32.*rollout\.dtype"):
+        check_logprob_gap(0.007, max_gap=1e-3, dtypes=(torch.bfloat16, torch.float32))
+    with pytest.raises(LogprobGapError, match="weight sync"):  # same dtype: the sync is to blame
+        check_logprob_gap(0.007, max_gap=1e-3, dtypes=("float32", torch.float32))
+    check_logprob_gap(1e-4, max_gap=1e-3, dtypes=(torch.bfloat16, torch.float32))  # within max_gap: fine
+
+
+def test_generate_sets_no_flag_transformers_would_ignore(model, prompts):
+    """transformers warns "generation flags are not valid and may be ignored" (once per process) when a
+    sampling-only flag such as top_k or min_p is set for greedy decoding; the engine leaves them unset."""
+    from transformers.generation import configuration_utils
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger(configuration_utils.__name__)
+    logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # an earlier test may have printed it already
+    try:
+        engine = HFGenerateEngine()
+        engine.sync_weights(model)
+        for sampling in (
+            SamplingParams(temperature=0.0, max_new_tokens=4),
+            SamplingParams(max_new_tokens=4, seed=0),
+            SamplingParams(temperature=0.7, top_p=0.9, top_k=3, max_new_tokens=4, seed=0),
+        ):
+            engine.generate(prompts, 2 if sampling.temperature else 1, sampling)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records if "generation flags" in r.getMessage()] == []
 
 
 def test_logprob_gap_values_and_errors():

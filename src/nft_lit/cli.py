@@ -156,10 +156,13 @@ def _run_hydra(argv: list[str], task: Any, command: str) -> int:
         print(_HELP.format(command=command, extra=_HELP_EXTRA[command]))
         return 0
 
+    from nft_lit.models import ModelFolderError
+    from nft_lit.prompts import PromptEncodingError
+
     def task_reporting_bad_input(cfg: Any) -> Any:
         try:
             return task(cfg)
-        except ConfigError as e:  # bad input: the message names the option; a traceback would only hide it
+        except (ConfigError, ModelFolderError, PromptEncodingError) as e:  # bad input, named: no traceback
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             print(f"nft-lit {command}: {e}", file=sys.stderr)
@@ -208,16 +211,16 @@ def build_callbacks(cfg: Any, evaluation: Any | None) -> list[Any]:
 
 
 def build_loggers(cfg: Any, keep_csv_up_to_step: int = -1) -> list[Any]:
-    """TensorBoard and CSV loggers in the run dir; a resumed run's CSV keeps the rows up to its checkpoint."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
+    """The ``logger`` group's loggers (configs/logger); a resumed run's CSV keeps the rows up to its checkpoint."""
     from nft_lit.runs import ContinuingCSVLogger
 
-    loggers: list[Any] = []
-    if cfg.logging.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(cfg.run_dir), name="tb", version="", default_hp_metric=False))
-    if cfg.logging.csv:
-        loggers.append(ContinuingCSVLogger(str(cfg.run_dir), keep_csv_up_to_step, name="csv", version=""))
+    loggers = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None:
+            continue
+        resumable = issubclass(_import_target(node._target_), ContinuingCSVLogger)
+        loggers.append(_instantiate(node, **({"keep_up_to_step": keep_csv_up_to_step} if resumable else {})))
+        log.debug("logger %s: %s", name, node._target_)
     return loggers
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 # Config groups whose change makes a resumed run a different experiment.
@@ -183,3 +183,16 @@ class ContinuingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ContinuingWriter(self.log_dir, self.keep_up_to_step)
         return self._experiment
+
+
+class LocalMLFlowLogger(MLFlowLogger):
+    """``MLFlowLogger`` for a local file store (``tracking_uri: file:DIR``). There a metric is a file, so
+    ``train/loss`` and ``train/loss/positive`` cannot both exist: ``/`` becomes ``.`` in metric names. MLflow 3
+    also refuses its file store unless asked (``MLFLOW_ALLOW_FILE_STORE``); a local folder needs no server."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        super().__init__(**kwargs)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics({k.replace("/", ".").replace("@", "_at"): v for k, v in metrics.items()}, step)
