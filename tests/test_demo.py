@@ -88,3 +88,23 @@ def test_report_groups_seeds(tmp_path):
     assert "| 2 | 25.0 ± 7.1 | 60.0 ± 14.1 | 35.0 ± 7.1 |" in row
     assert "0.300 → 0.300" in row
     assert Path(tmp_path / "out" / "heldout_accuracy.png").is_file()
+
+
+def test_report_says_when_no_evaluation_followed_training(tmp_path):
+    """A run evaluated only before training has no 'after' and no gain (not a gain of 0.0)."""
+    import csv
+
+    run = tmp_path / "0_seed=0"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "csv").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\nalgorithm: {name: nft}\neval: {at_start: true}\n")
+    with open(run / "csv" / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "step", "val/heldout/avg@1", "train/entropy"])
+        w.writerow([0, 0, 0.25, ""])
+        w.writerow([0, 1, "", 0.4])
+    table, pngs = report([tmp_path], tmp_path / "out")
+    row = next(line for line in table.splitlines() if line.startswith("| nft |"))
+    assert "| 1 | 25.0 | – | – |" in row
+    assert "no held-out evaluation after training" in table
+    assert any(p.name == "heldout_accuracy.png" for p in pngs)

@@ -124,20 +124,28 @@ def results_table(groups: dict[str, list[Run]]) -> str:
         "| entropy first → last iteration |",
         "|---|---|---|---|---|---|---|",
     ]
+    notes = []
     for label, runs in groups.items():
         before = [r.first(HELDOUT) for r in runs]
-        after = [r.last(HELDOUT) for r in runs]
-        gain = [a - b for a, b in zip(after, before, strict=True)]
+        # "after" needs an evaluation after some training: a run whose only point is the base has none
+        trained = [r for r in runs if r.curves[HELDOUT][-1][0] > 0]
+        after = [r.last(HELDOUT) for r in trained]
+        gain = [r.last(HELDOUT) - r.first(HELDOUT) for r in trained]
+        if len(trained) < len(runs):
+            notes.append(
+                f"{label}: {len(runs) - len(trained)} of {len(runs)} runs have no held-out evaluation after"
+                " training (eval.every_n_iterations > iterations?): not in 'after' and 'gain'"
+            )
         reward = [r.last("rollout/reward_mean") for r in runs if "rollout/reward_mean" in r.curves]
         ent = [(r.first("train/entropy"), r.last("train/entropy")) for r in runs if "train/entropy" in r.curves]
         ent_txt = (
             f"{statistics.fmean(e[0] for e in ent):.3f} → {statistics.fmean(e[1] for e in ent):.3f}" if ent else "–"
         )
         lines.append(
-            f"| {label} | {len(runs)} | {_fmt(before)} | {_fmt(after)} | {_fmt(gain)} | "
-            f"{_fmt(reward) if reward else '–'} | {ent_txt} |"
+            f"| {label} | {len(runs)} | {_fmt(before)} | {_fmt(after) if after else '–'} | "
+            f"{_fmt(gain) if gain else '–'} | {_fmt(reward) if reward else '–'} | {ent_txt} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + [f"\nNote: {n}" for n in notes])
 
 
 def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
@@ -161,7 +169,7 @@ def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
             xs = sorted(by_x)
             stats = [_mean_std(by_x[x]) for x in xs]
             means = [m for m, _ in stats]
-            ax.plot(xs, means, label=label)
+            ax.plot(xs, means, label=label, marker="o" if len(xs) < 20 else None, markersize=3)
             ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
             drawn = True
         if not drawn:
