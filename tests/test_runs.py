@@ -201,3 +201,15 @@ def test_every_logger_of_the_logger_group_records_the_run(tmp_path, monkeypatch)
     (wandb_log,) = (run / "wandb").glob("offline-run-*/run-*.wandb")  # protobuf records, keys as plain text
     data = wandb_log.read_bytes()
     assert b"train/loss" in data and b"rollout/pass_rate" in data and b"algorithm" in data
+
+
+@pytest.mark.slow
+def test_a_second_run_in_a_busy_folder_is_refused_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    _nft_lit("fit", *SMOKE, "iterations=1", f"hydra.run.dir={run}")
+    config = (run / ".hydra" / "config.yaml").read_text()
+    with RunLock(run):  # a live `fit` holds the folder
+        proc = _nft_lit("fit", *SMOKE, "iterations=1", "seed=1", f"hydra.run.dir={run}", ok=False)
+    assert "is in use by another `nft-lit fit`" in proc.stderr
+    assert (run / ".hydra" / "config.yaml").read_text() == config  # still the running run's seed 0
+    assert len(list((run / "checkpoints").iterdir())) == 2

@@ -179,6 +179,21 @@ def _run_hydra(argv: list[str], task: Any, command: str) -> int:
     return 0
 
 
+def _save_run_config(cfg: Any) -> None:
+    """``run_dir/.hydra/{config,overrides,hydra}.yaml`` as Hydra writes them (``hydra.output_subdir`` is null:
+    `fit` calls this only once it holds the folder's lock, so a refused run cannot overwrite a live run's)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized() or not _is_rank_zero():
+        return
+    folder = Path(cfg.run_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create(_command_line_overrides()), folder / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": HydraConfig.get()}), folder / "hydra.yaml")
+
+
 def _command_line_overrides() -> list[str]:
     """The overrides typed on the command line of the running Hydra job ([] outside one)."""
     from hydra.core.hydra_config import HydraConfig
@@ -324,6 +339,7 @@ def run_fit(cfg: Any) -> dict[str, float]:
     try:  # the other ranks of a multi-process run share rank 0's folder
         lock = RunLock(cfg.run_dir) if _is_rank_zero() else contextlib.nullcontext()
         with lock:
+            _save_run_config(cfg)
             trainer = build_trainer(cfg, evaluation, keep_csv_up_to_step=resume_step)
             for logger in trainer.loggers:  # the resolved config, searchable in TensorBoard's HPARAMS tab
                 logger.log_hyperparams(module.run_config)
@@ -432,6 +448,7 @@ def run_validate(cfg: Any) -> dict[str, float]:
     from nft_lit.sampler import Sampler
 
     _quiet_lightning()
+    _save_run_config(cfg)
     if cfg.get("ckpt_path") is not None:
         module, run_cfg = load_policy(str(cfg.ckpt_path))
         model = module.model.eval()
@@ -489,6 +506,7 @@ def run_export(cfg: Any) -> Path:
 
     if cfg.get("ckpt_path") is None or cfg.get("out") is None:
         raise ConfigError("export needs ckpt_path=<checkpoint file> and out=<folder>")
+    _save_run_config(cfg)
     module, run_cfg = load_policy(str(cfg.ckpt_path))
     path = save_hf_folder(module.model, instantiate(run_cfg.tokenizer), str(cfg.out))
     print(f"wrote {path}")

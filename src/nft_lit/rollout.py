@@ -517,7 +517,7 @@ class VLLMEngine:
             self._warned_dtypes.add((engine_dtype, policy_dtype))
             log.warning(
                 "VLLMEngine runs in %s but the policy is %s: its log-probs will differ from the trainer's "
-                "(rollout/logprob_gap ~1e-3 to 1e-2); rollout.dtype=policy samples in the policy's dtype",
+                "(rollout/logprob_gap, typically 1e-4 to 1e-2); rollout.dtype=policy samples in the policy's dtype",
                 _dtype_name(engine_dtype),
                 _dtype_name(policy_dtype),
             )
@@ -623,9 +623,9 @@ def check_logprob_gap(
         if dtypes is not None and _dtype_name(dtypes[0]) != _dtype_name(dtypes[1]):
             engine, policy = _dtype_name(dtypes[0]), _dtype_name(dtypes[1])
             raise LogprobGapError(
-                f"{head}the rollout engine runs in {engine} but the policy is {policy}, which alone moves "
-                f"log-probs by ~1e-3 to 1e-2; set rollout.dtype=policy (or {policy}) to sample in the policy's "
-                "dtype, or raise max_gap (datamodule.max_logprob_gap) to accept the difference"
+                f"{head}the rollout engine runs in {engine} but the policy is {policy}, which on its own moves "
+                f"log-probs apart (typically 1e-4 to 1e-2); set rollout.dtype=policy (or {policy}) to sample in "
+                "the policy's dtype, or raise max_gap (datamodule.max_logprob_gap) to accept the difference"
             )
         raise LogprobGapError(
             f"{head}the rollout engine is not sampling from the trained weights (missed or partial weight sync?)"

@@ -90,6 +90,12 @@ class LastCheckpoint(ModelCheckpoint):
     def state_key(self) -> str:
         return f"LastCheckpoint{{dirpath={self.dirpath}}}"
 
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        # ModelCheckpoint skips a save when the global step has not moved since its last one; an iteration
+        # that kept no group makes no optimizer step, yet it consumed prompts and must be resumed after.
+        self._last_global_step_saved = -1
+        super().on_train_epoch_end(trainer, pl_module)
+
 
 def checkpoint_step(path: Path) -> int | None:
     """The global step stored in a complete checkpoint file; None if it is truncated or not a checkpoint."""
