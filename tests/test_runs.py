@@ -53,8 +53,9 @@ def test_last_checkpoint_is_the_final_state_and_resume_continues_the_metrics(tmp
     numbered = [p for p in ckpts.glob("epoch=*.ckpt")]
     assert [p.name for p in numbered] == ["epoch=1-step=4.ckpt"]
 
-    # resume by the name Lightning wrote ('=' inside the value), to more iterations
-    _nft_lit("fit", *SMOKE, "iterations=5", f"ckpt_path={numbered[0]}", f"hydra.run.dir={run}")
+    # resume by the name Lightning wrote ('=' inside the value), to more iterations: said, not silent
+    proc = _nft_lit("fit", *SMOKE, "iterations=5", f"ckpt_path={numbered[0]}", f"hydra.run.dir={run}")
+    assert "running to iterations=5 (the checkpoint's run asked for 3)" in proc.stdout + proc.stderr
     assert _epoch(ckpts / "last.ckpt") == 4 and not list(ckpts.glob("last-v*.ckpt"))
     assert _csv_epochs(run) == [0, 1, 2, 3, 4]  # iteration 2 was re-run from the checkpoint: logged once
 
@@ -213,3 +214,15 @@ def test_a_second_run_in_a_busy_folder_is_refused_and_changes_nothing(tmp_path):
     assert "is in use by another `nft-lit fit`" in proc.stderr
     assert (run / ".hydra" / "config.yaml").read_text() == config  # still the running run's seed 0
     assert len(list((run / "checkpoints").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_the_console_shows_each_message_once_and_ends_with_a_summary(tmp_path):
+    proc = _nft_lit("fit", *SMOKE, "iterations=2", f"hydra.run.dir={tmp_path / 'run'}")
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "INFO" in line or "WARN" in line]
+    messages = [line.split("] - ", 1)[-1].removeprefix("INFO: ") for line in lines]
+    assert len(messages) == len(set(messages)), messages  # Lightning's own handler no longer repeats Hydra's
+    text = proc.stdout + proc.stderr
+    assert "Tip:" not in text and "sync_dist" not in text and "generation flags are not valid" not in text
+    assert "held-out evaluation at step 0: heldout/avg@1" in text
+    assert "nft-lit fit: 2 iterations" in proc.stdout and "val/heldout/avg@1" in proc.stdout
