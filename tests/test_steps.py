@@ -97,6 +97,8 @@ def test_old_logprobs_use_the_steps_temperature_and_measure_the_gap():
             assert torch.equal(lb.old_logprobs, -1.5 * lb.response_mask)
     with pytest.raises(LogprobGapError, match="exceeds max_gap"):
         fill_old_logprobs(steps, logprob_fn, "cpu", max_gap=0.1)
+    with pytest.raises(LogprobGapError, match="engine runs in bfloat16 but the policy is float32"):
+        fill_old_logprobs(steps, logprob_fn, "cpu", max_gap=0.1, dtypes=(torch.bfloat16, torch.float32))
 
 
 def test_layout_rules_name_the_option():

@@ -145,10 +145,10 @@ def test_policy_in_another_dtype_is_named_by_gap_check(engine, prompts):
     batch = engine.generate(prompts, 4, SamplingParams(max_new_tokens=10, seed=7))
     gap = logprob_gap(*padded_logprobs(batch, bf16, prompts, 1.0))
     with pytest.raises(LogprobGapError, match=r"engine runs in float32 but the policy is bfloat16.*rollout\.dtype"):
-        check_logprob_gap(gap, max_gap=1e-5)
+        check_logprob_gap(gap, max_gap=1e-5, dtypes=(engine.dtype, bf16.dtype))
     engine.sync_weights(model)  # same dtype again: a gap is blamed on the sync
     with pytest.raises(LogprobGapError, match="weight sync"):
-        check_logprob_gap(1.0, max_gap=1e-5)
+        check_logprob_gap(1.0, max_gap=1e-5, dtypes=(engine.dtype, model.dtype))
 
 
 @pytest.mark.vllm
@@ -264,4 +264,4 @@ def test_explicit_dtype_is_kept(model_folder, prompts, capfd, caplog):
     gap = logprob_gap(*padded_logprobs(batch, model, prompts, 1.0))
     assert gap > 1e-4  # bfloat16 numerics
     with pytest.raises(LogprobGapError, match=r"engine runs in bfloat16 but the policy is float32.*rollout\.dtype"):
-        check_logprob_gap(gap, max_gap=1e-5)
+        check_logprob_gap(gap, max_gap=1e-5, dtypes=(eng.dtype, model.dtype))

@@ -173,8 +173,10 @@ class RolloutDataModule(pl.LightningDataModule):
         on_phase("old-logprobs")
         was_training = model.training
         model.eval()
+        # An engine with its own weights copy (vLLM) may run in another dtype than the policy: the gap names it.
+        dtypes = (getattr(self.sampler.engine, "dtype", None), next(model.parameters()).dtype)
         try:
-            gap = fill_old_logprobs(steps, logprob_fn, device, self.max_logprob_gap)
+            gap = fill_old_logprobs(steps, logprob_fn, device, self.max_logprob_gap, dtypes)
         finally:
             model.train(was_training)
         if gap is not None:  # not measured when nothing was kept: no value rather than a misleading 0

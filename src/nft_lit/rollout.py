@@ -197,7 +197,6 @@ class HFGenerateEngine:
         if not callable(getattr(model, "generate", None)):
             raise TypeError(f"HFGenerateEngine.sync_weights: {type(model).__name__} has no .generate()")
         self._model = model
-        _record_sync_dtypes(None, None)  # samples with the policy itself
         return {"sync/seconds": 0.0}
 
     def _special_ids(self, model: nn.Module) -> tuple[int, set[int]]:
@@ -251,7 +250,7 @@ class HFGenerateEngine:
         sample_kwargs: dict[str, Any] = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
         if sampling.greedy:
             # The sampling-only warpers are never applied without do_sample; None unsets them (a value such as
-            # top_k=0 or min_p=0.0 makes transformers warn "generation flags are not valid" on every call).
+            # top_k=0 or min_p=0.0 makes transformers warn "generation flags are not valid and may be ignored").
             sample_kwargs.update(dict.fromkeys(_SAMPLING_ONLY_FLAGS), do_sample=False)
         else:
             sample_kwargs.update(
@@ -329,16 +328,6 @@ _VLLM_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "half": torch.float16,
 }
-
-# (engine dtype, policy dtype) when the latest `sync_weights` in this process copied a policy into an engine
-# running in another dtype, else None. `check_logprob_gap` names them: the gap is checked in steps.py, which
-# never sees the engine.
-_sync_dtype_mismatch: tuple[torch.dtype, torch.dtype] | None = None
-
-
-def _record_sync_dtypes(engine: torch.dtype | None, policy: torch.dtype | None) -> None:
-    global _sync_dtype_mismatch
-    _sync_dtype_mismatch = (engine, policy) if engine is not None and policy is not None and engine != policy else None
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:
@@ -511,7 +500,6 @@ class VLLMEngine:
         if self._llm is None:
             self._start_for(model)
         engine_dtype, policy_dtype = self.dtype, _model_dtype(model)
-        _record_sync_dtypes(engine_dtype, policy_dtype)
         differ = None not in (engine_dtype, policy_dtype) and engine_dtype != policy_dtype
         if differ and (engine_dtype, policy_dtype) not in self._warned_dtypes:
             self._warned_dtypes.add((engine_dtype, policy_dtype))
@@ -607,20 +595,17 @@ def check_logprob_gap(
     gap: float,
     max_gap: float | None,
     *,
-    dtypes: tuple[torch.dtype | str, torch.dtype | str] | None = None,
+    dtypes: tuple[torch.dtype | str | None, torch.dtype | str | None] | None = None,
 ) -> None:
     """Fail fast on a broken sync: raise `LogprobGapError` when `gap` exceeds `max_gap` (None = off).
 
     `dtypes` is (engine dtype, policy dtype); when they differ the error names them as the likely cause.
-    None: what the latest `sync_weights` in this process found (`VLLMEngine` records a difference).
     """
     if max_gap is None:
         return
     if not gap <= max_gap:  # also catches NaN
-        if dtypes is None:
-            dtypes = _sync_dtype_mismatch
         head = f"mean |engine - trainer| log-prob gap {gap:.3g} exceeds max_gap={max_gap:.3g}: "
-        if dtypes is not None and _dtype_name(dtypes[0]) != _dtype_name(dtypes[1]):
+        if dtypes is not None and None not in dtypes and _dtype_name(dtypes[0]) != _dtype_name(dtypes[1]):
             engine, policy = _dtype_name(dtypes[0]), _dtype_name(dtypes[1])
             raise LogprobGapError(
                 f"{head}the rollout engine runs in {engine} but the policy is {policy}, which on its own moves "

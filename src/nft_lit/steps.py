@@ -201,13 +201,18 @@ def build_steps(
 
 @torch.no_grad()
 def fill_old_logprobs(
-    steps: list[StepBatch], logprob_fn: LogprobFn, device: torch.device | str, max_gap: float | None = None
+    steps: list[StepBatch],
+    logprob_fn: LogprobFn,
+    device: torch.device | str,
+    max_gap: float | None = None,
+    dtypes: tuple[torch.dtype | None, torch.dtype | None] | None = None,
 ) -> float | None:
     """Recompute logπ_old with the training model; returns the engine/trainer log-prob gap (all ranks), None
     when there was no response token to measure it on.
 
     ``logprob_fn`` is the policy's log-prob function (``PolicyModule.response_logprobs``); the caller puts
-    the model in eval mode. A gap above ``max_gap`` raises ``LogprobGapError`` (a broken weight sync).
+    the model in eval mode. A gap above ``max_gap`` raises ``LogprobGapError`` (a broken weight sync, or
+    ``dtypes`` = (engine dtype, policy dtype) that differ, which the error then names).
     """
     gap_sum, tokens = 0.0, 0.0
     for step in steps:
@@ -225,5 +230,5 @@ def fill_old_logprobs(
     if all_tokens == 0:
         return None
     gap = sum(s for s, _ in totals) / all_tokens
-    check_logprob_gap(gap, max_gap)
+    check_logprob_gap(gap, max_gap, dtypes=dtypes)
     return gap
