@@ -1,6 +1,7 @@
 """Compose every config of every group; instantiate what can be built offline; bad values fail by name."""
 
 import pytest
+from _data_marks import needs_data
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
@@ -143,3 +144,13 @@ def test_validate_benchmarks_follow_each_data_config_protocol():
     assert build_benchmarks(_compose("data=math500"), fallback_to_data=False) == []  # fit: nothing to evaluate
     with pytest.raises(ConfigError, match=r"eval\.benchmarks: no data config 'nope'"):
         build_benchmarks(_compose("eval.benchmarks=[nope]"), fallback_to_data=True)
+
+
+@needs_data
+def test_gsm8k_trains_on_train_and_is_evaluated_on_test():
+    from nft_lit.cli import build_benchmarks
+
+    cfg = _compose("data=gsm8k")
+    assert cfg.data.problems.split == "train"
+    (bench,) = build_benchmarks(cfg, fallback_to_data=True)
+    assert bench.name == "gsm8k" and len(bench.problems) == 1319  # the test split

@@ -225,3 +225,11 @@ def test_verify_command_bad_input_names_file_line_and_field(tmp_path, capsys, li
     assert verify_command([src, str(out)]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_verify_checks_the_output_folder_before_grading(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"response": "\\\\boxed{2}", "gold": "2"}\n')
+    assert verify_command([str(src), str(tmp_path / "missing" / "out.jsonl"), "--exact"]) == 2
+    err = capsys.readouterr().err
+    assert f"the output folder {tmp_path / 'missing'} does not exist" in err

@@ -58,6 +58,10 @@ def test_last_checkpoint_is_the_final_state_and_resume_continues_the_metrics(tmp
     assert "running to iterations=5 (the checkpoint's run asked for 3)" in proc.stdout + proc.stderr
     assert _epoch(ckpts / "last.ckpt") == 4 and not list(ckpts.glob("last-v*.ckpt"))
     assert _csv_epochs(run) == [0, 1, 2, 3, 4]  # iteration 2 was re-run from the checkpoint: logged once
+    from nft_lit.report import report
+
+    table, _ = report([run], tmp_path / "report")  # the resumed run's curves are whole again
+    assert "| nft | 1 |" in table
 
     # another experiment on this checkpoint: refused, naming what differs; resume_force takes it anyway
     refused = _nft_lit(

@@ -108,3 +108,13 @@ def test_layout_rules_name_the_option():
         StepLayout(micro_batch_size=0)
     with pytest.raises(ValueError, match="whole groups"):
         StepLayout(num_mini_batches=5, whole_groups=True).check(prompts_per_step=4, num_answers=4)
+
+
+def test_no_gap_is_reported_when_no_token_was_measured():
+    """An iteration of padding only (nothing kept on this rank) has no gap: None, never a misleading 0.0."""
+    groups, pad = _groups()
+    steps = _steps(
+        groups[:1], pad, StepLayout(num_mini_batches=1, micro_batch_size=4, whole_groups=True), world=2, rank=1
+    )
+    assert all(mb.is_padding for mb in steps[0].micro_batches)
+    assert fill_old_logprobs(steps, lambda ids, mask, n, t: torch.zeros(ids.shape[0], ids.shape[1] - n), "cpu") is None

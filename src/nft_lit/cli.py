@@ -425,6 +425,8 @@ def build_benchmarks(cfg: Any, fallback_to_data: bool) -> list[Any]:
 
     benchmarks = []
     for name, problems, protocol in sources:
+        if protocol.get("eval_split") is not None:  # a set trained on one split and evaluated on another
+            problems = OmegaConf.merge(problems, {"split": protocol.eval_split})
         k = int(pick(e.num_samples, protocol, "eval_samples", 1))
         sampling = SamplingParams(
             temperature=float(pick(e.temperature, protocol, "eval_temperature", cfg.sampling.temperature)),
