@@ -133,6 +133,11 @@ def test_lightning_cli_fit_then_validate(tmp_path):
     assert ckpts, "LightningCLI fit wrote no checkpoint"
     proc = _nft_lit("cli", "validate", "--config", str(smoke), "--config", str(extra), "--ckpt_path", str(ckpts[-1]))
     assert "val/heldout/avg@1" in proc.stdout
+    # its checkpoints carry the run config, so `nft-lit export` and `nft-lit validate` read them as well
+    _nft_lit("export", f"ckpt_path={ckpts[-1]}", f"out={tmp_path / 'hf'}", f"hydra.run.dir={tmp_path / 'x'}")
+    assert (tmp_path / "hf" / "config.json").is_file()
+    _nft_lit("validate", "experiment=smoke", f"ckpt_path={ckpts[-1]}", f"hydra.run.dir={tmp_path / 'v'}")
+    assert "heldout/avg@1" in json.loads((tmp_path / "v" / "validate.json").read_text())["results"]
 
 
 def _printed_metric(stdout: str, name: str) -> float:

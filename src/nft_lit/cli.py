@@ -519,6 +519,34 @@ def export_command(argv: list[str]) -> int:
     return _run_hydra(argv, run_export, "export")
 
 
+def _as_targets(node: Any) -> Any:
+    """jsonargparse's ``{class_path, init_args}`` nodes as Hydra's ``{_target_, ...}`` nodes, recursively."""
+    if isinstance(node, dict):
+        if "class_path" in node:
+            return {"_target_": node["class_path"], **_as_targets(node.get("init_args") or {})}
+        return {k: _as_targets(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_as_targets(v) for v in node]
+    return node
+
+
+def lightning_cli_run_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a LightningCLI ``fit`` config that ``load_policy`` and ``validate`` read, in the form of
+    ``nft-lit fit``'s run config (module, model, tokenizer, prompt, algorithm, seed)."""
+    model_args = _as_targets(config["model"])
+    # a dataclass argument (ModelSpec) is a plain nested node in jsonargparse, without class_path
+    model_args["model"] = {"_target_": "nft_lit.models.ModelSpec", **model_args["model"]}
+    sampler = _as_targets(config["data"]["sampler"])
+    return {
+        "module": {"_target_": "nft_lit.module.PolicyModule", **model_args},
+        "model": model_args["model"],
+        "tokenizer": sampler["tokenizer"],
+        "prompt": sampler.get("prompt_template"),
+        "algorithm": {"name": model_args["loss"]["_target_"].rsplit(".", 1)[-1]},
+        "seed": config.get("seed_everything"),
+    }
+
+
 def lightning_cli_command(argv: list[str]) -> int:
     """LightningCLI over PolicyModule / RolloutDataModule (their typed constructors are the schema)."""
     from lightning.pytorch.cli import LightningCLI
@@ -528,10 +556,12 @@ def lightning_cli_command(argv: list[str]) -> int:
     from nft_lit.module import PolicyModule
 
     class RolloutCLI(LightningCLI):
-        # The same check `nft-lit fit` makes after building (build_fit): a loss's needs of the data.
         def before_fit(self) -> None:
+            # The same check `nft-lit fit` makes after building (build_fit): a loss's needs of the data.
             dm = self.datamodule
             check_loss_fits(self.model.loss_fn, dm.settings, dm.layout.whole_groups)
+            # Checkpoints carry the run config in `nft-lit fit`'s form, so `validate`/`export` read them too.
+            self.model.run_config = lightning_cli_run_config(self.config.fit.as_dict())
 
     RolloutCLI(
         PolicyModule,
