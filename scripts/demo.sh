@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
+# MKL's default path may round differently with the memory alignment of its inputs and with the CPU model;
+# its conditional-reproducibility mode makes the warm-up (hundreds of SFT steps) and the run repeatable.
+export MKL_CBWR=${MKL_CBWR:-COMPATIBLE}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 run_dir=${DEMO_RUN_DIR:-outputs/demo/$(date +%Y-%m-%d_%H-%M-%S)}
 .venv/bin/nft-lit warmup --name demo ${DEMO_WARMUP_ARGS:-}
