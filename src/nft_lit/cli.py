@@ -158,11 +158,12 @@ def _run_hydra(argv: list[str], task: Any, command: str) -> int:
 
     from nft_lit.models import ModelFolderError
     from nft_lit.prompts import PromptEncodingError
+    from nft_lit.runs import RunError
 
     def task_reporting_bad_input(cfg: Any) -> Any:
         try:
             return task(cfg)
-        except (ConfigError, ModelFolderError, PromptEncodingError) as e:  # bad input, named: no traceback
+        except (ConfigError, RunError, ModelFolderError, PromptEncodingError) as e:  # bad input, named: no traceback
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             print(f"nft-lit {command}: {e}", file=sys.stderr)
@@ -251,14 +252,11 @@ def _resume_point(cfg: Any, run_config: dict[str, Any]) -> tuple[str | None, int
     """(checkpoint to resume from or None, its global step or -1); refuses a checkpoint of another experiment."""
     import torch
 
-    from nft_lit.runs import RunError, config_changes, resolve_checkpoint
+    from nft_lit.runs import config_changes, resolve_checkpoint
 
     if cfg.get("ckpt_path") is None:
         return None, -1
-    try:
-        path = resolve_checkpoint(str(cfg.ckpt_path), cfg.run_dir)
-    except RunError as e:
-        raise ConfigError(str(e)) from e
+    path = resolve_checkpoint(str(cfg.ckpt_path), cfg.run_dir)
     saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     changes = config_changes(saved.get("nft_lit_config") or {}, run_config)
     if changes and not cfg.get("resume_force", False):
@@ -284,6 +282,10 @@ def _is_rank_zero() -> bool:
     return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
+def _no_advertising(record: logging.LogRecord) -> bool:
+    return "💡 Tip:" not in record.getMessage()
+
+
 def _quiet_lightning() -> None:
     """One line per message: Lightning's loggers print through their own handler and through Hydra's root
     handler (every line twice), so keep Hydra's, which also writes the run's log file; drop Lightning's
@@ -292,7 +294,7 @@ def _quiet_lightning() -> None:
         logger = logging.getLogger(name)
         logger.handlers = [h for h in logger.handlers if type(h) is not logging.StreamHandler]
         logger.propagate = True
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "💡 Tip:" not in r.getMessage())
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_advertising)  # added once
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     # Epoch-level rollout/held-out metrics are computed from data gathered over all ranks: identical everywhere,
@@ -328,7 +330,7 @@ def run_fit(cfg: Any) -> dict[str, float]:
     import lightning.pytorch as pl
     from omegaconf import OmegaConf
 
-    from nft_lit.runs import RunError, RunLock
+    from nft_lit.runs import RunLock
 
     _quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)  # before building: nothing random may run unseeded
@@ -336,16 +338,14 @@ def run_fit(cfg: Any) -> dict[str, float]:
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     ckpt, resume_step = _resume_point(cfg, module.run_config)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    try:  # the other ranks of a multi-process run share rank 0's folder
-        lock = RunLock(cfg.run_dir) if _is_rank_zero() else contextlib.nullcontext()
-        with lock:
-            _save_run_config(cfg)
-            trainer = build_trainer(cfg, evaluation, keep_csv_up_to_step=resume_step)
-            for logger in trainer.loggers:  # the resolved config, searchable in TensorBoard's HPARAMS tab
-                logger.log_hyperparams(module.run_config)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    except RunError as e:
-        raise ConfigError(str(e)) from e
+    # the other ranks of a multi-process run share rank 0's folder
+    lock = RunLock(cfg.run_dir) if _is_rank_zero() else contextlib.nullcontext()
+    with lock:
+        _save_run_config(cfg)
+        trainer = build_trainer(cfg, evaluation, keep_csv_up_to_step=resume_step)
+        for logger in trainer.loggers:  # the resolved config, searchable in TensorBoard's HPARAMS tab
+            logger.log_hyperparams(module.run_config)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         _print_summary(cfg, trainer, metrics)
@@ -373,12 +373,9 @@ def load_policy(ckpt_path: str) -> tuple[Any, Any]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from nft_lit.runs import RunError, resolve_checkpoint
+    from nft_lit.runs import resolve_checkpoint
 
-    try:
-        path = resolve_checkpoint(ckpt_path, ".")
-    except RunError as e:
-        raise ConfigError(str(e)) from e
+    path = resolve_checkpoint(ckpt_path, ".")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     if "nft_lit_config" not in ckpt:
         raise ConfigError(f"ckpt_path={ckpt_path} was not written by `nft-lit fit` (no nft_lit_config inside)")
