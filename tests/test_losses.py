@@ -267,6 +267,9 @@ def test_nft_family_refuses_r_hat_outside_open_interval(loss_cls):
         (lambda: NFTLoss(epsilon=0.0), "epsilon must be > 0"),
         (lambda: NFTLoss(epsilon=-1.0), "epsilon must be > 0"),
         (lambda: NFTLoss(omega="sqrt"), "omega must be one of"),
+        (lambda: NFTLoss(neg_weight=-0.5), "neg_weight must be a finite number >= 0"),
+        (lambda: NFTLoss(neg_weight=math.nan), "neg_weight must be a finite number >= 0"),
+        (lambda: NFTLoss(neg_weight=math.inf), "neg_weight must be a finite number >= 0"),
         (lambda: NFTLoss(agg="mean"), "agg must be one of"),
         (lambda: GRPOLoss(clip_low=1.5), "clip_low"),
         (lambda: GRPOLoss(dual_clip=0.5), "dual_clip"),
@@ -415,3 +418,55 @@ def test_positive_ratio_floor_bounds_the_positive_weight():
     assert torch.allclose(floored, (1.0 / ratios.clamp(min=0.5)).float())
     plain = gradient_weights(NFTLoss(omega="uniform"), ratios, reward=1, r_hat=0.5)
     assert torch.allclose(plain, (1.0 / ratios).float())
+
+
+# ------------------------------------------------------------------------- neg_weight (released code)
+def _loss_and_grad(loss: PolicyLoss, new: torch.Tensor, batch: LossBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    x = new.clone().requires_grad_(True)
+    out = loss(x, batch).loss
+    (grad,) = torch.autograd.grad(out, x)
+    return out.detach(), grad
+
+
+@pytest.mark.parametrize("omega", ["uniform", "dr_grpo", "grpo"])
+def test_neg_weight_one_is_the_paper_loss_exactly(omega):
+    """λ = 1 is Eq. 10: the same value and gradient as the default, bit for bit."""
+    new, batch = random_step(drift=1.5, seed=3)
+    assert NFTLoss()(new, batch).metrics["clip/neg_eps_frac"] > 0  # the straight-through floor is exercised
+    default_loss, default_grad = _loss_and_grad(NFTLoss(omega=omega), new, batch)
+    loss, grad = _loss_and_grad(NFTLoss(omega=omega, neg_weight=1.0), new, batch)
+    assert torch.equal(loss, default_loss) and torch.equal(grad, default_grad)
+    assert make_loss("nft").neg_weight == 1.0  # the config's default is the paper's
+
+
+def test_neg_weight_zero_drops_the_negative_term_only():
+    """λ = 0: negative answers get exactly zero gradient, positive answers exactly NFT's gradient (same ω and
+    normaliser: negatives still count in N_tok)."""
+    new, batch = random_step(drift=0.6, seed=5)
+    _, nft_grad = _loss_and_grad(NFTLoss(), new, batch)
+    _, grad = _loss_and_grad(NFTLoss(neg_weight=0.0), new, batch)
+    out = NFTLoss(neg_weight=0.0)(new, batch)
+    negative = batch.rewards == 0
+    assert negative.any() and (~negative).any()
+    assert (grad[negative] == 0).all()
+    assert torch.equal(grad[~negative], nft_grad[~negative])
+    assert (nft_grad[negative][batch.response_mask[negative].bool()] != 0).any()  # NFT's negatives do move
+    assert out.metrics["loss/negative"].item() == pytest.approx(0.0, abs=1e-15)  # loss − positive part
+    # with ω = 1 as well, it is RFT (which the released code runs as NFT with neg_weight 0)
+    _, rft_grad = _loss_and_grad(RFTLoss(), new, batch)
+    assert torch.equal(_loss_and_grad(NFTLoss(omega="uniform", neg_weight=0.0), new, batch)[1], rft_grad)
+
+
+@pytest.mark.parametrize("neg_weight", [0.25, 0.5, 2.0])
+def test_neg_weight_scales_the_negative_term_linearly(neg_weight):
+    """Value and gradient at λ are the interpolation (1 − λ)·[λ = 0] + λ·[λ = 1] of the two endpoints: the
+    negative answers' gradient is λ times NFT's, the positive answers' is unchanged."""
+    new, batch = random_step(drift=1.5, seed=3)  # some negative tokens at the ε floor
+    loss0, grad0 = _loss_and_grad(NFTLoss(neg_weight=0.0), new, batch)
+    loss1, grad1 = _loss_and_grad(NFTLoss(neg_weight=1.0), new, batch)
+    loss, grad = _loss_and_grad(NFTLoss(neg_weight=neg_weight), new, batch)
+    assert torch.allclose(grad, (1 - neg_weight) * grad0 + neg_weight * grad1, rtol=1e-12, atol=1e-15)
+    assert loss.item() == pytest.approx(((1 - neg_weight) * loss0 + neg_weight * loss1).item(), rel=1e-12, abs=1e-15)
+    negative = batch.rewards == 0
+    assert torch.allclose(grad[negative], neg_weight * grad1[negative], rtol=1e-12, atol=1e-15)
+    assert torch.equal(grad[~negative], grad1[~negative])

@@ -192,9 +192,10 @@ def omega_weight(r_hat: Tensor, omega: str) -> Tensor:
 class _NFTTokenLogRatio(torch.autograd.Function):
     """Per-token log-likelihood ratio of Eq. 10 with its gradient computed in the forward pass.
 
-    Value: log R_t for positive answers, log max_v((1 − r̂R_t)/(1 − r̂), ε) for negative ones (Algorithm 1),
-    with log R capped at ``log_ratio_cap``. max_v is the straight-through max: its value is max(x, ε) but its
-    gradient is that of x, so d/dlogπ of the negative term is (1/max(x, ε))·(−r̂/(1 − r̂))·R, never zero.
+    Value: log R_t for positive answers, λ·log max_v((1 − r̂R_t)/(1 − r̂), ε) for negative ones (Algorithm 1;
+    λ = ``neg_weight``, 1 in the paper), with log R capped at ``log_ratio_cap``. max_v is the straight-through
+    max: its value is max(x, ε) but its gradient is that of x, so d/dlogπ of the negative term is
+    λ·(1/max(x, ε))·(−r̂/(1 − r̂))·R, never zero unless λ = 0.
 
     Fused by hand rather than left to autograd: the token loss is elementwise, so its derivative is one
     [B, T] factor; saving only that factor instead of every intermediate halves the loss's time and memory
@@ -211,18 +212,21 @@ class _NFTTokenLogRatio(torch.autograd.Function):
         epsilon: float,
         log_ratio_cap: float,
         positive_ratio_floor: float,
-        use_negatives: bool,
+        neg_weight: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         log_ratio = raw_log_ratio.clamp(max=log_ratio_cap)
         ratio = log_ratio.exp()
         slope = -r_hat / (1.0 - r_hat)  # ∂x/∂R of the implicit negative ratio x
         # (1 − r̂R)/(1 − r̂), evaluated so that it is exactly 1 at R = 1 (the loss is exactly 0 on-policy)
         neg_ratio = torch.mul(ratio, -r_hat).add_(1.0).div_(1.0 - r_hat)
-        if use_negatives:
+        if neg_weight > 0:
             neg_clamped = neg_ratio.clamp(min=epsilon)
             neg_value = neg_clamped.log()
             neg_grad = neg_clamped.reciprocal_().mul_(ratio).mul_(slope)  # reuses the buffer
-        else:
+            if neg_weight != 1.0:  # λ scales value and gradient alike (the term is linear in λ)
+                neg_value.mul_(neg_weight)
+                neg_grad.mul_(neg_weight)
+        else:  # λ = 0 (RFT): exact zeros, no pass over the negative branch
             neg_value, neg_grad = torch.zeros_like(ratio), torch.zeros_like(ratio)
         # written into the negative branch's buffers: the loss is elementwise, so aliasing is safe
         if positive_ratio_floor > 0:
@@ -354,7 +358,9 @@ class PolicyLoss(nn.Module):
 class NFTLoss(PolicyLoss):
     """Negative-aware Fine-Tuning, paper Eq. 10 and Algorithm 1 (docs/ALGORITHMS.md, "NFT").
 
-    ℓ_t = −ω(q)·[ r·log R_t + (1 − r)·log max_v((1 − r̂_q R_t)/(1 − r̂_q), ε) ],  R_t = π_θ/π_old per token.
+    ℓ_t = −ω(q)·[ r·log R_t + λ·(1 − r)·log max_v((1 − r̂_q R_t)/(1 − r̂_q), ε) ],  R_t = π_θ/π_old per token.
+
+    Eq. 10 is λ = 1; λ is the released code's ``neg_weight`` (below).
 
     Positive answers do maximum likelihood on π_θ; negative answers do maximum likelihood on the implicit
     negative policy π⁻_θ = (π_old − r̂ π_θ)/(1 − r̂) (Eq. 7-8), whose ratio is clipped from below at ε with
@@ -369,10 +375,14 @@ class NFTLoss(PolicyLoss):
         r_hat_min, r_hat_max: r̂_q is clipped into this range before use (released code: [0.02, 0.98]).
         positive_ratio_floor: optional straight-through floor on positive ratios, bounding the positive
             weight 1/R at 1/floor (released code option; 0 = off).
+        neg_weight: λ >= 0, multiplies the negative answers' token term (value and gradient) before
+            aggregation. Not in the paper's Eq. 10 (which is λ = 1): it is the released code's ``neg_weight``
+            option. 1.0 is NFT; 0.0 drops the negative term, leaving RFT-like positive-only likelihood (still
+            weighted by ω(q), unlike :class:`RFTLoss`); the authors' 32B script suggests trying values in
+            between (0.5). Negative answers count in the aggregation's normaliser whatever λ is.
     """
 
     requires_binary_rewards = True
-    use_negatives: bool = True
 
     def __init__(
         self,
@@ -384,6 +394,7 @@ class NFTLoss(PolicyLoss):
         r_hat_min: float = 0.02,
         r_hat_max: float = 0.98,
         positive_ratio_floor: float = 0.0,
+        neg_weight: float = 1.0,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -395,6 +406,10 @@ class NFTLoss(PolicyLoss):
             raise ValueError(f"{name}: r_hat_min/r_hat_max must satisfy 0 < min <= max < 1, got {r_hat_min, r_hat_max}")
         if positive_ratio_floor < 0:
             raise ValueError(f"{name}: positive_ratio_floor must be >= 0, got {positive_ratio_floor}")
+        if not 0 <= neg_weight < math.inf:  # also refuses NaN
+            raise ValueError(
+                f"{name}: neg_weight must be a finite number >= 0 (1 = NFT, 0 = no negative term), got {neg_weight}"
+            )
         self._set_agg(agg, agg_constant)
         self.epsilon = epsilon
         self.omega = omega
@@ -402,6 +417,7 @@ class NFTLoss(PolicyLoss):
         self.r_hat_min = r_hat_min
         self.r_hat_max = r_hat_max
         self.positive_ratio_floor = positive_ratio_floor
+        self.neg_weight = float(neg_weight)
 
     def forward(self, logprobs: Tensor, batch: LossBatch) -> LossOutput:
         self.validate_batch(batch)
@@ -416,7 +432,7 @@ class NFTLoss(PolicyLoss):
             self.epsilon,
             self.log_ratio_cap,
             self.positive_ratio_floor,
-            self.use_negatives,
+            self.neg_weight,
         )
         rows = -self.prompt_weight(r_hat[:, 0]) * aggregate_rows(
             log_likelihood_ratio, batch, self.agg, self.agg_constant
@@ -442,13 +458,11 @@ class NFTLoss(PolicyLoss):
 
 class RFTLoss(NFTLoss):
     """Rejection-sampling Fine-Tuning (paper App. B; docs/ALGORITHMS.md, "RFT"): NFT with the negative term
-    zeroed and ω(q) = 1.
+    zeroed (``neg_weight`` = 0) and ω(q) = 1.
 
-    Negative answers still count in the token normaliser (as in the released code, which zeroes their loss
-    inside the NFT implementation) but carry exactly zero gradient.
+    Negative answers still count in the token normaliser (as in the released code, which runs RFT as its NFT
+    implementation with ``neg_weight`` 0) but carry exactly zero gradient.
     """
-
-    use_negatives = False
 
     def __init__(
         self,
@@ -468,6 +482,7 @@ class RFTLoss(NFTLoss):
             r_hat_min=r_hat_min,
             r_hat_max=r_hat_max,
             positive_ratio_floor=positive_ratio_floor,
+            neg_weight=0.0,
         )
 
 
