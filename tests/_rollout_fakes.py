@@ -26,6 +26,19 @@ PARITY_OVERRIDES = [
 ]
 
 # What every training iteration logs, whatever runs it (Trainer.fit in-process or `nft-lit fit`).
+# Every phase of an iteration logs its seconds (docs/PERFORMANCE.md); seconds/eval comes with each evaluation.
+PHASES = (
+    "sync",
+    "generate",
+    "verify",
+    "verify_wait",
+    "filter",
+    "plan",
+    "old_logprobs",
+    "rollout",
+    "train",
+    "iteration",
+)
 ITERATION_METRICS = (
     "train/loss",
     "train/entropy",
@@ -39,8 +52,10 @@ ITERATION_METRICS = (
     "rollout/truncation_rate",
     "rollout/logprob_gap",
     "rollout/gen_tokens_per_second",
-    "rollout/verify_seconds",
+    "rollout/verify_answers_per_second",
+    "rollout/padding_fraction",
     "train/tokens_per_second",
+    *(f"seconds/{phase}" for phase in PHASES),
 )
 
 

@@ -45,7 +45,7 @@ def test_fit_export_validate_on_smoke(tmp_path):
     run = tmp_path / "run"
     _nft_lit("fit", "experiment=smoke", "iterations=2", f"hydra.run.dir={run}", *PARITY_OVERRIDES)
     tags = _scalars(run / "tb")
-    for tag in (*ITERATION_METRICS, "rollout/reward_mean", "rollout/gen_seconds", "train/seconds", "val/heldout/avg@1"):
+    for tag in (*ITERATION_METRICS, "rollout/reward_mean", "seconds/eval", "val/heldout/avg@1"):
         assert tag in tags, tag
     assert "train/loss" in (run / "csv" / "metrics.csv").read_text().splitlines()[0]
     ckpt = run / "checkpoints" / "last.ckpt"
@@ -206,7 +206,7 @@ def test_smoke_experiment_runs_every_algorithm(tmp_path, algorithm):
     assert "val/heldout/avg@1" in metrics and 0.0 <= metrics["val/heldout/avg@1"] <= 1.0
     # held-out evaluations: before training, then after iterations 2 and 4, each its own logged point
     assert sum(1 for r in rows if r.get("val/heldout/avg@1")) == 3
-    assert {"rollout/pass_rate", "rollout/gen_tokens_per_second", "train/seconds"} <= set(metrics)
+    assert {"rollout/pass_rate", "rollout/gen_tokens_per_second", "seconds/train", "seconds/iteration"} <= set(metrics)
     assert any((tmp_path / "tb").iterdir())
 
 

@@ -21,15 +21,15 @@ def test_dynamic_sampling_keeps_only_mixed_groups_and_counts_rounds():
     kept, stats, stream = _collect(gen_prompts_per_round=4, max_gen_rounds=5)
     assert len(kept) == 4
     assert all(g.mixed for g in kept)
-    assert stats["kept_groups"] == 4.0
-    assert 1 <= stats["gen_rounds"] <= 5
+    assert stats["rollout/kept_groups"] == 4.0
+    assert 1 <= stats["rollout/gen_rounds"] <= 5
     # Each round consumes gen_prompts_per_round prompts (a resumed run continues from this cursor).
-    assert stream.cursor == 4 * stats["gen_rounds"]
+    assert stream.cursor == 4 * stats["rollout/gen_rounds"]
 
 
 def test_no_dynamic_sampling_keeps_every_group():
     kept, stats, stream = _collect(dynamic_sampling=False)
-    assert len(kept) == 4 and stats["gen_rounds"] == 1.0 and stream.cursor == 4
+    assert len(kept) == 4 and stats["rollout/gen_rounds"] == 1.0 and stream.cursor == 4
 
 
 def test_strict_raises_when_rounds_run_out():
@@ -44,7 +44,7 @@ def test_groups_keep_each_prompts_answers_and_verifier_rewards():
         assert len(g.response_ids) == len(g.correct) == len(g.rewards) == 4
         assert g.prompt_ids == sampler.encode(PROBLEMS[g.prompt_index].question)
         assert g.rewards == g.correct  # no shaping
-    assert stats["pass_rate"] == sum(c for g in kept for c in g.correct) / 16
+    assert stats["rollout/pass_rate"] == sum(c for g in kept for c in g.correct) / 16
 
 
 def test_prompt_order_is_a_seeded_permutation_per_pass():

@@ -4,7 +4,15 @@ import torch
 from _rollout_fakes import ITERATION_METRICS, make_datamodule
 
 from nft_lit.datamodule import ROLLOUT_TRAINER_SETTINGS
-from nft_lit.losses import GRPOLoss, InfoNCALoss, NFTLoss
+from nft_lit.losses import (
+    AGGREGATIONS,
+    DAPOLoss,
+    DrGRPOLoss,
+    GRPOLoss,
+    InfoNCALoss,
+    NFTLoss,
+    RFTLoss,
+)
 from nft_lit.models import tiny_causal_lm
 from nft_lit.module import PolicyModule, response_logprobs_and_entropy
 
@@ -22,9 +30,9 @@ class _GradRecorder(PolicyModule):
         return super()._clip_gradients()
 
 
-def _fit(loss, iterations=1, compile=False, **dm_kwargs):
+def _fit(loss, iterations=1, compile=False, lr=1e-2, **dm_kwargs):
     torch.manual_seed(0)
-    module = _GradRecorder(_model(), loss, lr=1e-2, warmup_steps=0, weight_decay=0.0, grad_clip=None, compile=compile)
+    module = _GradRecorder(_model(), loss, lr=lr, warmup_steps=0, weight_decay=0.0, grad_clip=None, compile=compile)
     dm = make_datamodule(**dm_kwargs)
     trainer = pl.Trainer(
         max_epochs=iterations,
@@ -65,6 +73,34 @@ def test_micro_batching_does_not_change_the_update(loss):
         assert any(g.abs().max() > 1e-4 for g in gs.values())
         for name, g in gs.items():
             assert torch.allclose(g, gl[name], atol=1e-6, rtol=1e-4), name
+
+
+def _every_loss_and_aggregation():
+    for agg in AGGREGATIONS:
+        for make in (NFTLoss, RFTLoss, GRPOLoss, DrGRPOLoss, DAPOLoss, InfoNCALoss):
+            yield pytest.param(make, agg, id=f"{make.__name__}-{agg}")
+
+
+@pytest.mark.parametrize(("make_loss", "agg"), list(_every_loss_and_aggregation()))
+def test_token_budget_micro_batches_give_the_one_big_batch_gradient(make_loss, agg):
+    """Length-sorted micro-batches packed to a token budget (and the first step's logπ_old taken from its
+    training forward) give the gradient of each step as one micro-batch with an old-log-prob pass."""
+    loss = make_loss(agg=agg, agg_constant=9.0)
+    options = {
+        "num_mini_batches": 2,
+        "dynamic_sampling": loss.requires_binary_rewards,
+        "whole_groups": loss.requires_whole_groups,
+    }
+    # A tiny lr: Adam's first update is ~lr x sign(gradient), so at lr 1e-2 rounding-level differences in the
+    # first step's gradient flip signs and move the second step's weights apart.
+    budget, _ = _fit(loss, lr=1e-9, max_tokens_per_micro_batch=12, **options)
+    one_batch, _ = _fit(loss, lr=1e-9, micro_batch_size=16, old_logprobs_from_forward=False, **options)
+    assert len(budget.grads) == len(one_batch.grads) == 2
+    for gb, g1 in zip(budget.grads, one_batch.grads, strict=True):
+        assert any(g.abs().max() > 1e-5 for g in gb.values())
+        for name, g in gb.items():
+            # float32 sums in another order: equal to rounding, relative to the gradient's scale
+            assert torch.allclose(g, g1[name], atol=1e-5 * float(g1[name].abs().max()), rtol=1e-4), name
 
 
 def test_whole_group_loss_trains_and_logs_iteration_scalars():

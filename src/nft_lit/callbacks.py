@@ -6,6 +6,7 @@ Thin adapters: the evaluation itself is ``evaluation.Evaluation`` (framework-fre
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class PhaseProgressBar(TQDMProgressBar):
-    """TQDM bar whose description shows the iteration's phase (sync / generate / verify / train)."""
+    """TQDM bar whose description shows the iteration's phase (sync / generate / plan / old-logprobs / train)."""
 
     def set_phase(self, phase: str) -> None:
         bar = self._train_progress_bar
@@ -48,13 +49,15 @@ class HeldOutEvaluation(pl.Callback):
         self.history: list[dict[str, float]] = []
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        started = time.perf_counter()
         results = self.evaluation.run(pl_module.model)
+        results["seconds/eval"] = time.perf_counter() - started
         self.history.append({"step": float(trainer.global_step), **results})
         # Straight to the loggers at the current global step rather than through self.log(on_epoch=True):
         # Lightning would average the at-start evaluation with the end of iteration 0 into one point, and
         # the untrained policy's accuracy would never appear on its own. The results are already reduced
         # over ranks, so rank 0 writes them.
-        metrics = {f"val/{k}": v for k, v in results.items()}
+        metrics = {k if k.startswith("seconds/") else f"val/{k}": v for k, v in results.items()}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})  # for callbacks/tests
         if trainer.is_global_zero:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if "avg@" in k or "pass@" in k)

@@ -8,6 +8,7 @@ reaches them as an argument: ``train_dataloader`` asks the trainer for it once p
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,12 +18,22 @@ from torch.utils.data import DataLoader
 
 # Runtime imports (not TYPE_CHECKING): LightningCLI/jsonargparse read the constructor's type hints.
 from nft_lit.data import Problem, ProblemSet
-from nft_lit.distributed import rank_and_world
+from nft_lit.distributed import all_gather_objects, rank_and_world
 from nft_lit.evaluation import Benchmark, Evaluation
 from nft_lit.iteration import PromptStream, RewardShaping, RolloutSettings, collect_groups
 from nft_lit.rollout import SamplingParams
 from nft_lit.sampler import Sampler
-from nft_lit.steps import StepBatch, StepLayout, build_steps, fill_old_logprobs, plan_steps
+from nft_lit.steps import (
+    LogprobGap,
+    StepBatch,
+    StepLayout,
+    build_steps,
+    fill_old_logprobs,
+    forward_is_deterministic,
+    group_lengths,
+    padding_fraction,
+    plan_steps,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +59,11 @@ class RolloutDataModule(pl.LightningDataModule):
         prompts_per_step, num_answers, dynamic_sampling, gen_prompts_per_round, max_gen_rounds, strict,
             max_prompt_tokens, seed: see ``iteration.RolloutSettings``.
         overlong_buffer / overlong_penalty_factor: DAPO overlong reward shaping (off when buffer is None).
-        num_mini_batches, micro_batch_size, whole_groups: see ``steps.StepLayout``.
+        num_mini_batches, micro_batch_size, whole_groups, max_tokens_per_micro_batch: see ``steps.StepLayout``.
         max_logprob_gap: fail when the mean |engine - trainer| log-prob gap exceeds this (None only logs it).
+        old_logprobs_from_forward: take the first optimizer step's logπ_old from its training forward
+            (detached) instead of an extra pass: exact, since no update has happened since the rollout. Used
+            only when the model has no dropout (a training forward then equals an eval one).
         val_benchmarks / val_batch_prompts: what Lightning's validation loop (``trainer.validate``, ``nft-lit
             cli validate``) evaluates, as ``val/<name>/avg@k``; None: no validation data.
     """
@@ -71,7 +85,9 @@ class RolloutDataModule(pl.LightningDataModule):
         overlong_penalty_factor: float = 1.0,
         max_prompt_tokens: int | None = None,
         whole_groups: bool = False,
+        max_tokens_per_micro_batch: int | None = None,
         max_logprob_gap: float | None = None,
+        old_logprobs_from_forward: bool = True,
         seed: int = 0,
         val_benchmarks: Sequence[Benchmark] | None = None,
         val_batch_prompts: int = 64,
@@ -92,9 +108,10 @@ class RolloutDataModule(pl.LightningDataModule):
             seed=seed,
         )
         self.settings.check(sampling, world=1)
-        self.layout = StepLayout(num_mini_batches, micro_batch_size, whole_groups)
+        self.layout = StepLayout(num_mini_batches, micro_batch_size, whole_groups, max_tokens_per_micro_batch)
         self.layout.check(prompts_per_step, num_answers)
         self.max_logprob_gap = max_logprob_gap
+        self.old_logprobs_from_forward = old_logprobs_from_forward
         self.stream = PromptStream(len(self.problems), seed)
         self.evaluation = Evaluation(list(val_benchmarks), sampler, val_batch_prompts) if val_benchmarks else None
         self.iteration = 0
@@ -149,45 +166,74 @@ class RolloutDataModule(pl.LightningDataModule):
         device: torch.device | str,
         on_phase: Callable[[str], None] = lambda phase: None,
     ) -> list[StepBatch]:
-        """One iteration of the stages for ``model``: its optimizer steps, the first carrying the statistics."""
+        """One iteration of the stages for ``model``: its optimizer steps, the first carrying the iteration's
+        data-side metrics (``rollout/*`` and the ``seconds/*`` of each phase)."""
+        started = time.perf_counter()
         on_phase("sync")
         sync_stats = self.sampler.sync(model)
+        sync_seconds = time.perf_counter() - started
         on_phase("generate")
         groups, stats = collect_groups(
             self.problems, self.stream, self.sampler, self.sampling, self.settings, self.iteration
         )
-        stats.update({k: float(v) for k, v in sync_stats.items()})  # already named sync/...
+        # The engine's own counters (sync/tensors, ...); its time is the phase's, measured here.
+        stats.update({f"rollout/{k}": float(v) for k, v in sync_stats.items() if k != "sync/seconds"})
+        stats["seconds/sync"] = sync_seconds
+        on_phase("plan")
+        planned = time.perf_counter()
         if groups:
             rank, world = rank_and_world()
-            plan = plan_steps(len(groups), self.settings.num_answers, self.layout, world)
+            plan = plan_steps(len(groups), self.settings.num_answers, self.layout, world, group_lengths(groups))
             pad = self.sampler.tokenizer.pad_token_id
             pad = self.sampler.tokenizer.eos_token_id if pad is None else pad
             steps = build_steps(groups, plan, rank, self.settings.num_answers, pad, self.sampling.temperature)
+            padding = all_gather_objects(padding_fraction(steps))
+            measured = [p for p in padding if p is not None]
+            if measured:
+                stats["rollout/padding_fraction"] = sum(measured) / len(measured)
         else:
             # Nothing to learn from (e.g. every group all-wrong): one empty step keeps the run alive
             # (an empty epoch would end `fit`); the module skips it and rollout/kept_groups logs 0.
             log.warning(
-                "iteration %d: no group kept after %d rounds; skipping the update", self.iteration, stats["gen_rounds"]
+                "iteration %d: no group kept after %d rounds; skipping the update",
+                self.iteration,
+                stats["rollout/gen_rounds"],
             )
             steps = [StepBatch([], temperature=self.sampling.temperature)]
+        stats["seconds/plan"] = time.perf_counter() - planned
         on_phase("old-logprobs")
+        old_started = time.perf_counter()
+        # An engine with its own weights copy (vLLM) may run in another dtype than the policy: the gap names it.
+        gap = LogprobGap(self.max_logprob_gap, (getattr(self.sampler.engine, "dtype", None), _dtype(model)))
+        # Identical on every rank (same plan, same model): the gap's collective stays in step.
+        first_from_forward = self.old_logprobs_from_forward and bool(steps[0].micro_batches)
+        first_from_forward = first_from_forward and forward_is_deterministic(model)
+        steps[0].old_logprobs_from_forward = first_from_forward
         was_training = model.training
         model.eval()
-        # An engine with its own weights copy (vLLM) may run in another dtype than the policy: the gap names it.
-        dtypes = (getattr(self.sampler.engine, "dtype", None), next(model.parameters()).dtype)
         try:
-            gap = fill_old_logprobs(steps, logprob_fn, device, self.max_logprob_gap, dtypes)
+            fill_old_logprobs(steps, logprob_fn, device, gap)
         finally:
             model.train(was_training)
-        if gap is not None:  # not measured when nothing was kept: no value rather than a misleading 0
-            stats["logprob_gap"] = gap
-        stats["optimizer_steps"] = float(len(steps))
+        if first_from_forward:
+            steps[0].pending_gap = gap  # the module adds the first step's tokens, then finishes it
+        else:
+            value = gap.finish()
+            if value is not None:  # not measured when nothing was kept: no value rather than a misleading 0
+                stats["rollout/logprob_gap"] = value
+        stats["seconds/old_logprobs"] = time.perf_counter() - old_started
+        stats["seconds/rollout"] = time.perf_counter() - started
+        stats["rollout/optimizer_steps"] = float(len(steps))
         steps[0].rollout_stats = stats
         return steps
 
     def val_dataloader(self) -> DataLoader | list:
         """One item, the ``Evaluation`` of ``val_benchmarks`` (run by ``PolicyModule.validation_step``)."""
         return _loader([self.evaluation]) if self.evaluation is not None else []
+
+
+def _dtype(model: torch.nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _loader(items: list[Any]) -> DataLoader:

@@ -14,6 +14,7 @@ from (seed, i, r, k). A resumed run therefore re-uses and skips no prompt.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -204,7 +205,11 @@ def _score_round(
         )
         for j, i in enumerate(mine)
     ]
-    stats = {"gen_seconds": answers.gen_seconds, "verify_seconds": answers.verify_seconds}
+    stats = {
+        "generate": answers.gen_seconds,
+        "verify": answers.verify_seconds,
+        "verify_wait": answers.verify_wait_seconds,
+    }
     gathered = all_gather_objects((groups, stats, float(answers.num_tokens)))
     # Back to round order. A round that spans two passes over the problems can hold an index twice: both
     # copies sort at its first position, after each other in rank order (the sort is stable).
@@ -214,8 +219,7 @@ def _score_round(
     all_groups = sorted((g for gs, _, _ in gathered for g in gs), key=lambda g: order[g.prompt_index])
     # Wall-clock is the slowest rank; token counts add up.
     return all_groups, {
-        "gen_seconds": max(s["gen_seconds"] for _, s, _ in gathered),
-        "verify_seconds": max(s["verify_seconds"] for _, s, _ in gathered),
+        **{phase: max(s[phase] for _, s, _ in gathered) for phase in stats},
         "gen_tokens": sum(n for _, _, n in gathered),
     }
 
@@ -233,10 +237,11 @@ def collect_groups(
     The engine must already sample from the policy's weights (``Sampler.sync``). Every rank calls this and
     gets the same groups (each generates its share of a round; the groups are gathered).
     """
+    started = time.perf_counter()
     rank, _ = rank_and_world()
     kept: list[Group] = []
     seen: list[Group] = []
-    totals = {"gen_seconds": 0.0, "verify_seconds": 0.0, "gen_tokens": 0.0}
+    totals = {"generate": 0.0, "verify": 0.0, "verify_wait": 0.0, "gen_tokens": 0.0}
     rounds = 0
     while len(kept) < settings.prompts_per_step and rounds < settings.rounds:
         indices = stream.take(settings.prompts_per_round)
@@ -254,31 +259,38 @@ def collect_groups(
             " (datamodule.strict=true)"
         )
     kept = kept[: settings.prompts_per_step]
+    # Filtering: what the rounds cost besides the engine and the exposed verification (prompt encoding and
+    # checks, grouping, shaping, gathering groups over ranks, dynamic sampling's selection).
+    totals["filter"] = time.perf_counter() - started - totals["generate"] - totals["verify_wait"]
     return kept, rollout_statistics(seen, kept, rounds, totals, settings.num_answers)
 
 
 def rollout_statistics(
     seen: list[Group], kept: list[Group], rounds: int, totals: dict[str, float], num_answers: int
 ) -> dict[str, float]:
-    """What an iteration logs as ``rollout/*``: rewards and pass rate of every generated answer, the kept
-    share, lengths and truncation, and generation/verification speed."""
+    """What an iteration logs of its rounds, under the logged names: ``rollout/*`` (rewards and pass rate of
+    every generated answer, the kept share, lengths and truncation, generation/verification speed) and
+    ``seconds/*`` (generate; verify = busy time of the verifier; verify_wait = the part generation did not
+    hide; filter)."""
     lengths = [len(r) for g in seen for r in g.response_ids]
     correct = [c for g in seen for c in g.correct]
     stats: dict[str, Any] = {
-        "reward_mean": sum(r for g in seen for r in g.rewards) / len(lengths),
-        "pass_rate": sum(correct) / len(correct),
-        "kept_group_fraction": sum(1 for g in seen if g.mixed) / len(seen),
-        "kept_groups": float(len(kept)),
-        "all_correct_fraction": sum(1 for g in seen if g.pass_rate == 1.0) / len(seen),
-        "gen_rounds": float(rounds),
-        "response_length_mean": sum(lengths) / len(lengths),
-        "response_length_max": float(max(lengths)),
-        "truncation_rate": sum(t for g in seen for t in g.truncated) / len(lengths),
-        "gen_seconds": totals["gen_seconds"],
-        "gen_tokens_per_second": totals["gen_tokens"] / max(totals["gen_seconds"], 1e-9),
-        "verify_seconds": totals["verify_seconds"],
-        "verify_answers_per_second": len(lengths) / max(totals["verify_seconds"], 1e-9),
+        "rollout/reward_mean": sum(r for g in seen for r in g.rewards) / len(lengths),
+        "rollout/pass_rate": sum(correct) / len(correct),
+        "rollout/kept_group_fraction": sum(1 for g in seen if g.mixed) / len(seen),
+        "rollout/kept_groups": float(len(kept)),
+        "rollout/all_correct_fraction": sum(1 for g in seen if g.pass_rate == 1.0) / len(seen),
+        "rollout/gen_rounds": float(rounds),
+        "rollout/response_length_mean": sum(lengths) / len(lengths),
+        "rollout/response_length_max": float(max(lengths)),
+        "rollout/truncation_rate": sum(t for g in seen for t in g.truncated) / len(lengths),
+        "rollout/gen_tokens_per_second": totals["gen_tokens"] / max(totals["generate"], 1e-9),
+        "rollout/verify_answers_per_second": len(lengths) / max(totals["verify"], 1e-9),
+        "seconds/generate": totals["generate"],
+        "seconds/verify": totals["verify"],
+        "seconds/verify_wait": totals["verify_wait"],
+        "seconds/filter": totals["filter"],
     }
     if kept:
-        stats["kept_reward_mean"] = sum(r for g in kept for r in g.rewards) / (len(kept) * num_answers)
+        stats["rollout/kept_reward_mean"] = sum(r for g in kept for r in g.rewards) / (len(kept) * num_answers)
     return stats

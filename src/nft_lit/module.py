@@ -61,6 +61,26 @@ def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
     return classes
 
 
+def adamw_with_warmup(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int
+) -> dict[str, Any]:
+    """AdamW (no decay on biases and norm gains, standard for transformers) with a linear LR warm-up over
+    ``warmup_steps`` optimizer steps, then constant (paper App. B), in Lightning's optimizer-config form."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=betas,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class PolicyModule(pl.LightningModule):
     """The policy being fine-tuned, trained through a ``PolicyLoss`` (configs/algorithm/*.yaml).
 
@@ -125,6 +145,7 @@ class PolicyModule(pl.LightningModule):
         self.run_config: dict[str, Any] | None = None
         self._epoch_start = 0.0
         self._train_tokens = 0.0
+        self._train_seconds = 0.0
         self._metric_keys: tuple[list[str], list[str], dict[str, Reduction]] | None = None
         self._rollout_stats: dict[str, float] = {}
         if self.model is not None:
@@ -180,21 +201,7 @@ class PolicyModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> Any:
         assert self.model is not None
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                # Biases and norm gains are not decayed (standard AdamW practice for transformers).
-                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr,
-            betas=self.betas,
-        )
-        warm = self.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warm) if warm > 0 else 1.0
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_warmup(self.model, self.lr, self.weight_decay, self.betas, self.warmup_steps)
 
     def _clip_gradients(self) -> Tensor:
         """Global gradient norm (clipped when ``grad_clip`` is set); correct under DDP and FSDP2."""
@@ -214,10 +221,12 @@ class PolicyModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
         self._train_tokens = 0.0
+        self._train_seconds = 0.0
 
-    def _micro_step(self, mb: MicroBatch, scale: float, temperature: float, metrics: StepMetrics) -> tuple[Tensor, ...]:
+    def _micro_step(self, mb: MicroBatch, scale: float, step: StepBatch, metrics: StepMetrics) -> tuple[Tensor, ...]:
         """Forward and backward of one micro-batch: (its loss share, entropy sum, response tokens)."""
         assert self.model is not None
+        temperature = step.temperature
         logprobs, entropy = self._logprobs_fn(self.model, mb.input_ids, mb.attention_mask, mb.prompt_len, temperature)
         mask = mb.loss_batch.response_mask
         if mb.is_padding:
@@ -225,6 +234,8 @@ class PolicyModule(pl.LightningModule):
             self.manual_backward(logprobs.sum() * 0.0)
             return logprobs.new_zeros(()), logprobs.new_zeros(()), logprobs.new_zeros(())
         batch = mb.loss_batch
+        if step.old_logprobs_from_forward:  # no update since the rollout: R_t = 1, the gradient of logπ_θ
+            step.take_old_logprobs(mb, logprobs)
         if self.ref_model is not None:
             with torch.no_grad():
                 ref = self._logprobs_fn(self.ref_model, mb.input_ids, mb.attention_mask, mb.prompt_len, temperature)[0]
@@ -237,10 +248,11 @@ class PolicyModule(pl.LightningModule):
 
     def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor | None:
         self._rollout_stats.update(batch.rollout_stats)
-        if "reward_mean" in batch.rollout_stats:  # the progress bar's view of the iteration (logged at epoch end)
-            self.log("reward", batch.rollout_stats["reward_mean"], prog_bar=True, logger=False, batch_size=1)
+        if "rollout/reward_mean" in batch.rollout_stats:  # the progress bar's view of the iteration
+            self.log("reward", batch.rollout_stats["rollout/reward_mean"], prog_bar=True, logger=False, batch_size=1)
         if not batch.micro_batches:
             return None  # an iteration that kept no group (identical on every rank): no update
+        started = time.perf_counter()
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         world = self.trainer.world_size
@@ -249,10 +261,13 @@ class PolicyModule(pl.LightningModule):
         step_loss, entropy_sum, tokens = zero.clone(), zero.clone(), zero.clone()
         metrics = StepMetrics()  # the loss's metrics over the step's micro-batches, ranks below
         for mb in batch.micro_batches:
-            loss, ent, n = self._micro_step(mb, float(world), batch.temperature, metrics)
+            loss, ent, n = self._micro_step(mb, float(world), batch, metrics)
             step_loss += loss
             entropy_sum += ent
             tokens += n
+        # Before the update: a broken weight sync stops the run here.
+        if (gap := batch.finish_pending_gap()) is not None:
+            self._rollout_stats["rollout/logprob_gap"] = gap
         grad_norm = self._clip_gradients()
         optimizer.step()
         scheduler.step()
@@ -276,6 +291,7 @@ class PolicyModule(pl.LightningModule):
             logs.update({f"train/{k}": -high[i] if how[k] == "min" else high[i] for i, k in enumerate(high_keys)})
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
         self.log("loss", totals[0], prog_bar=True, on_step=True, on_epoch=False)
+        self._train_seconds += time.perf_counter() - started
         return totals[0]
 
     def _loss_metric_keys(self, metrics: StepMetrics) -> tuple[list[str], list[str], dict[str, Reduction]]:
@@ -297,11 +313,18 @@ class PolicyModule(pl.LightningModule):
         self.log_dict(logs, on_step=False, on_epoch=True, rank_zero_only=True, batch_size=1)
 
     def on_train_epoch_end(self) -> None:
-        seconds = time.perf_counter() - self._epoch_start
-        logs = {"train/seconds": seconds, "train/tokens_per_second": self._train_tokens / max(seconds, 1e-9)}
-        for k, v in self._rollout_stats.items():
-            logs[f"rollout/{k}"] = float(v)
-        self._rollout_stats = {}
-        logs["iteration"] = float(self.current_epoch)
+        # Runs after the callbacks' epoch-end hooks (held-out evaluation, checkpoint), so the iteration's
+        # wall time includes them; its data side ran before on_train_epoch_start (seconds/rollout).
+        stats, self._rollout_stats = self._rollout_stats, {}
+        iteration = stats.get("seconds/rollout", 0.0) + time.perf_counter() - self._epoch_start
+        logs = {
+            **stats,
+            "seconds/train": self._train_seconds,
+            "seconds/iteration": iteration,
+            "train/tokens_per_second": self._train_tokens / max(self._train_seconds, 1e-9),
+            "iteration": float(self.current_epoch),
+        }
         # Rollout statistics are computed from the data gathered over all ranks: identical everywhere.
         self.log_dict(logs, on_step=False, on_epoch=True, rank_zero_only=True)
+        # The progress bar's view of where the time went (seconds/* are in every logger).
+        self.log("s/it", iteration, prog_bar=True, logger=False, rank_zero_only=True)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from torch import nn
 
+from nft_lit.distributed import derive_seed
 from nft_lit.prompts import PromptTemplate, encode_prompt
 from nft_lit.reward import Verifier
 from nft_lit.rollout import RolloutEngine, SamplingParams
@@ -34,7 +36,9 @@ class ScoredAnswers:
     """``num_samples`` answers for each of P prompts; answer j of prompt i is at index ``i * num_samples + j``.
 
     ``correct`` is the verifier's reward (0.0 or 1.0; a truncated answer is 0 by rule); ``engine_logprobs``
-    are the engine's log-probs of the sampled tokens, one per response token.
+    are the engine's log-probs of the sampled tokens, one per response token. Times: ``gen_seconds`` the
+    engine's, ``verify_seconds`` the decoding and verifier's (busy time, which overlaps generation when it
+    runs in chunks), ``verify_wait_seconds`` the part of it generation did not hide.
     """
 
     prompt_ids: list[list[int]]
@@ -45,6 +49,7 @@ class ScoredAnswers:
     num_samples: int
     gen_seconds: float
     verify_seconds: float
+    verify_wait_seconds: float
 
     @property
     def num_tokens(self) -> int:
@@ -60,6 +65,10 @@ class Sampler:
         tokenizer: HF-style tokenizer (``encode``, ``decode``).
         verifier: scores decoded answers against the gold answers.
         prompt_template: turns a question into the prompt text; None encodes the bare question.
+        chunk_prompts: generate at most this many prompts per engine call and verify each chunk in a
+            background thread while the next one generates, so scoring (math-verify's worker processes)
+            hides behind generation. None: one call, then verification. Chunking trades some batching of
+            the engine for the overlap: worth it when verification is slow.
     """
 
     def __init__(
@@ -68,7 +77,11 @@ class Sampler:
         tokenizer: Any,
         verifier: Verifier,
         prompt_template: PromptTemplate | None = None,
+        chunk_prompts: int | None = None,
     ) -> None:
+        if chunk_prompts is not None and not (isinstance(chunk_prompts, int) and chunk_prompts >= 1):
+            raise ValueError(f"sampler.chunk_prompts must be a positive int or null, got {chunk_prompts!r}")
+        self.chunk_prompts = chunk_prompts
         self._engine_or_factory = engine
         self._engine: RolloutEngine | None = engine if hasattr(engine, "generate") else None  # type: ignore[assignment]
         self.tokenizer = tokenizer
@@ -96,22 +109,44 @@ class Sampler:
     def sample(
         self, problems: Sequence[HasQuestionAndAnswer], num_samples: int, sampling: SamplingParams
     ) -> ScoredAnswers:
-        """Generate ``num_samples`` answers per problem from the synced weights and verify them."""
-        t0 = time.perf_counter()
+        """Generate ``num_samples`` answers per problem from the synced weights and verify them.
+
+        In chunks (``chunk_prompts``), chunk c is generated with seed ``derive_seed(seed, c)`` (one chunk keeps
+        ``sampling.seed``), and verified in a background thread while chunk c + 1 generates.
+        """
         prompts = [self.encode(p.question) for p in problems]
-        rollout = self.engine.generate(prompts, num_samples, sampling)
-        gen_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rollout.response_ids]
-        golds = [p.answer for p in problems for _ in range(num_samples)]
-        result = self.verifier.score(texts, golds, list(rollout.truncated))
+        size = self.chunk_prompts or max(len(prompts), 1)
+        starts = list(range(0, len(prompts), size))
+        gen_seconds = 0.0
+        pending: list[tuple[Any, Future[tuple[list[float], float]]]] = []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft-lit-verify") as verify_thread:
+            for c, start in enumerate(starts):
+                chunk_sampling = sampling
+                if len(starts) > 1 and sampling.seed is not None:
+                    chunk_sampling = replace(sampling, seed=derive_seed(sampling.seed, c))
+                t0 = time.perf_counter()
+                rollout = self.engine.generate(prompts[start : start + size], num_samples, chunk_sampling)
+                gen_seconds += time.perf_counter() - t0
+                golds = [p.answer for p in problems[start : start + size] for _ in range(num_samples)]
+                pending.append((rollout, verify_thread.submit(self._score, rollout, golds)))
+            waited = time.perf_counter()
+            scored = [(rollout, future.result()) for rollout, future in pending]
+            verify_wait = time.perf_counter() - waited
         return ScoredAnswers(
             prompt_ids=prompts,
-            response_ids=[list(r) for r in rollout.response_ids],
-            engine_logprobs=[list(lp) for lp in rollout.logprobs],
-            truncated=[bool(t) for t in rollout.truncated],
-            correct=[float(r) for r in result.rewards],
+            response_ids=[list(r) for rollout, _ in scored for r in rollout.response_ids],
+            engine_logprobs=[list(lp) for rollout, _ in scored for lp in rollout.logprobs],
+            truncated=[bool(t) for rollout, _ in scored for t in rollout.truncated],
+            correct=[r for _, (rewards, _) in scored for r in rewards],
             num_samples=num_samples,
             gen_seconds=gen_seconds,
-            verify_seconds=time.perf_counter() - t0,
+            verify_seconds=sum(seconds for _, (_, seconds) in scored),
+            verify_wait_seconds=verify_wait,
         )
+
+    def _score(self, rollout: Any, golds: list[str]) -> tuple[list[float], float]:
+        """Decode and verify one chunk: (rewards, seconds). Runs in the verification thread."""
+        t0 = time.perf_counter()
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rollout.response_ids]
+        result = self.verifier.score(texts, golds, list(rollout.truncated))
+        return [float(r) for r in result.rewards], time.perf_counter() - t0

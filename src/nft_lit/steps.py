@@ -4,15 +4,23 @@
     -> StepBatch (one optimizer step: its micro-batches, normalised by the counts of the whole step)
 
 One ``StepBatch`` is one optimizer step on this rank. Every loss is normalised by the counts of the whole step
-(``LossBatch.num_*``) across micro-batches and ranks, so summing micro-batch gradients is exact.
+(``LossBatch.num_*``) across micro-batches and ranks, so summing micro-batch gradients is exact, whatever the
+micro-batches hold: a fixed number of answers, or (``StepLayout.max_tokens_per_micro_batch``) answers of
+similar length packed up to a token budget, as verl's dynamic batch size.
+
+The first optimizer step of an iteration is exactly on-policy (no update has happened since the rollout), so
+its old log-probs are the training forward's own, detached (``StepBatch.old_logprobs_from_forward``): the
+old-log-prob pass only runs for the later steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch import nn
 
 from nft_lit.distributed import all_gather_objects
 from nft_lit.iteration import Group
@@ -25,6 +33,43 @@ Member = tuple[int, int]
 Plan = list[list[list[list[Member]]]]
 # logprob_fn(input_ids, attention_mask, prompt_len, temperature) -> response-token log-probs [B, T].
 LogprobFn = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
+# Per group: (prompt tokens, [response tokens of each answer]); what a token budget packs by.
+GroupLengths = tuple[int, Sequence[int]]
+
+
+class LogprobGap:
+    """Mean |engine − trainer| log-prob over the response tokens of an iteration, accumulated on this rank
+    (by the old-log-prob pass and by the on-policy first step's forward) and finished over all ranks.
+
+    ``finish`` is a collective (every rank calls it once per iteration) and raises ``LogprobGapError`` above
+    ``max_gap``; ``dtypes`` = (engine dtype, policy dtype) lets the error name a dtype difference.
+    """
+
+    def __init__(
+        self, max_gap: float | None = None, dtypes: tuple[torch.dtype | None, torch.dtype | None] | None = None
+    ) -> None:
+        self.max_gap = max_gap
+        self.dtypes = dtypes
+        self.weighted_sum = 0.0
+        self.tokens = 0.0
+
+    def add(self, engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> None:
+        n = float(mask.sum())
+        if n > 0:
+            self.weighted_sum += (
+                logprob_gap(engine_logprobs.cpu(), trainer_logprobs.detach().float().cpu(), mask.cpu()) * n
+            )
+            self.tokens += n
+
+    def finish(self) -> float | None:
+        """The gap over every rank's tokens (checked against ``max_gap``); None when no token was measured."""
+        totals = all_gather_objects((self.weighted_sum, self.tokens))
+        all_tokens = sum(t for _, t in totals)
+        if all_tokens == 0:
+            return None
+        gap = sum(s for s, _ in totals) / all_tokens
+        check_logprob_gap(gap, self.max_gap, dtypes=self.dtypes)
+        return gap
 
 
 @dataclass
@@ -59,16 +104,33 @@ class StepBatch:
 
     ``temperature`` is the sampling temperature of its answers: log-probs are ``log_softmax(logits / T)``
     for the old-log-prob pass and for training alike, so the rollout's sampling parameters are the one
-    source of it. ``rollout_stats`` (first step of an iteration only) are the iteration's ``rollout/*``
-    statistics, handed to the module for logging.
+    source of it. ``rollout_stats`` (first step of an iteration only) are the iteration's data-side metrics
+    under their logged names (``rollout/*``, ``seconds/*``), handed to the module for logging.
     """
 
     micro_batches: list[MicroBatch]
     temperature: float = 1.0
     rollout_stats: dict[str, float] = field(default_factory=dict)
+    # The first step of an iteration: logπ_old = the training forward's log-probs, detached, and the engine gap
+    # of the iteration is finished by the module once this step's forwards have added theirs.
+    old_logprobs_from_forward: bool = False
+    pending_gap: LogprobGap | None = None
 
     def to(self, device: torch.device | str) -> StepBatch:
         return replace(self, micro_batches=[mb.to(device) for mb in self.micro_batches])
+
+    def take_old_logprobs(self, mb: MicroBatch, logprobs: torch.Tensor) -> None:
+        """logπ_old of ``mb`` = its training forward's ``logprobs`` (detached); their engine gap is recorded."""
+        mask = mb.loss_batch.response_mask
+        mb.loss_batch.old_logprobs = logprobs.detach() * mask
+        if self.pending_gap is not None:
+            self.pending_gap.add(mb.engine_logprobs, logprobs, mask)
+
+    def finish_pending_gap(self) -> float | None:
+        """The iteration's engine/trainer gap once this step's forwards are in (a collective; None when there
+        is nothing pending or no token was measured)."""
+        gap, self.pending_gap = self.pending_gap, None
+        return None if gap is None else gap.finish()
 
 
 @dataclass(frozen=True)
@@ -77,19 +139,27 @@ class StepLayout:
 
     Args:
         num_mini_batches: optimizer steps per iteration.
-        micro_batch_size: sequences per forward/backward pass.
+        micro_batch_size: sequences per forward/backward pass (without a token budget).
         whole_groups: keep each group's K answers in one micro-batch (group-level losses such as InfoNCA).
+        max_tokens_per_micro_batch: token budget of a forward/backward pass, padding counted (rows x
+            (longest prompt + longest response)); replaces ``micro_batch_size``. Each rank's answers of a step
+            are sorted by length and packed up to it, so long and short answers are not padded to each other.
+            An answer (or whole group) longer than the budget gets a micro-batch of its own. None: off.
     """
 
     num_mini_batches: int = 1
     micro_batch_size: int = 8
     whole_groups: bool = False
+    max_tokens_per_micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_mini_batches < 1:
             raise ValueError(f"datamodule.num_mini_batches must be >= 1, got {self.num_mini_batches}")
         if self.micro_batch_size < 1:
             raise ValueError(f"datamodule.micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        budget = self.max_tokens_per_micro_batch
+        if budget is not None and not (isinstance(budget, int) and budget >= 1):
+            raise ValueError(f"datamodule.max_tokens_per_micro_batch must be a positive int or null, got {budget!r}")
 
     def check(self, prompts_per_step: int, num_answers: int) -> None:
         if self.num_mini_batches > prompts_per_step * num_answers:
@@ -104,14 +174,26 @@ class StepLayout:
             )
 
 
-def plan_steps(num_groups: int, num_answers: int, layout: StepLayout, world: int) -> Plan:
+def plan_steps(
+    num_groups: int,
+    num_answers: int,
+    layout: StepLayout,
+    world: int,
+    lengths: Sequence[GroupLengths] | None = None,
+) -> Plan:
     """Split the answers of ``num_groups`` groups into optimizer steps, ranks and micro-batches.
 
     Indivisible units are whole groups (``layout.whole_groups``) or single answers; steps get contiguous,
-    near-equal runs of units; ranks take every ``world``-th unit of a step. Every rank gets the same number
-    of micro-batches per step (missing ones are empty and become zero-weight padding), so the plan is the
-    same on every rank and FSDP's collectives stay in step.
+    near-equal runs of units. Without a token budget, ranks take every ``world``-th unit of a step and fill
+    micro-batches of ``micro_batch_size`` answers in order. With one (``lengths`` required), a step's units
+    are sorted longest first before they are dealt to the ranks (similar work per rank) and each rank packs
+    its run into micro-batches of similar lengths up to the budget (``_pack_by_tokens``). Every rank gets the
+    same number of micro-batches per step (missing ones are empty and become zero-weight padding), so the
+    plan is the same on every rank and FSDP's collectives stay in step.
     """
+    budget = layout.max_tokens_per_micro_batch
+    if budget is not None and (lengths is None or len(lengths) != num_groups):
+        raise ValueError("plan_steps: a token budget (max_tokens_per_micro_batch) needs every group's lengths")
     if layout.whole_groups:
         units = [[(g, j) for j in range(num_answers)] for g in range(num_groups)]
     else:
@@ -121,18 +203,75 @@ def plan_steps(num_groups: int, num_answers: int, layout: StepLayout, world: int
     plan: Plan = []
     for s in range(steps):
         step_units = units[bounds[s] : bounds[s + 1]]
+        if budget is not None:
+            assert lengths is not None
+            # Longest first (stable): the largest micro-batch runs first, so a memory peak shows at once.
+            step_units = sorted(step_units, key=lambda u: -sum(_unit_widths(u, lengths)))
         per_rank = []
         for r in range(world):
-            mbs: list[list[Member]] = []
-            for unit in step_units[r::world]:
-                if mbs and len(mbs[-1]) + len(unit) <= layout.micro_batch_size:
-                    mbs[-1].extend(unit)
-                else:
-                    mbs.append(list(unit))
-            per_rank.append(mbs)
+            mine = step_units[r::world]
+            if budget is None:
+                per_rank.append(_pack_by_count(mine, layout.micro_batch_size))
+            else:
+                assert lengths is not None
+                per_rank.append(_pack_by_tokens(mine, lengths, budget))
         most = max(len(m) for m in per_rank)
         plan.append([m + [[] for _ in range(most - len(m))] for m in per_rank])
     return plan
+
+
+def _unit_widths(unit: list[Member], lengths: Sequence[GroupLengths]) -> tuple[int, int]:
+    """(longest prompt, longest response) of a unit: the columns it needs in a padded micro-batch."""
+    return (
+        max(lengths[g][0] for g, _ in unit),
+        max(max(lengths[g][1][j], 1) for g, j in unit),  # an empty response still takes one padded column
+    )
+
+
+def _pack_by_count(units: list[list[Member]], size: int) -> list[list[Member]]:
+    mbs: list[list[Member]] = []
+    for unit in units:
+        if mbs and len(mbs[-1]) + len(unit) <= size:
+            mbs[-1].extend(unit)
+        else:
+            mbs.append(list(unit))
+    return mbs
+
+
+def _pack_by_tokens(units: list[list[Member]], lengths: Sequence[GroupLengths], budget: int) -> list[list[Member]]:
+    """Split length-sorted units into contiguous micro-batches of at most ``budget`` padded tokens (rows x
+    (longest prompt + longest response)), minimising the padded tokens computed plus ``budget / 8`` per
+    micro-batch (dynamic programming over the split points).
+
+    The per-micro-batch charge stands for a forward's fixed cost: a split is made only where it saves that
+    much padding. Greedy filling instead pads the few long answers of a long tail to each other (16% padding
+    where this gives 4%, tests/test_steps.py's long-tail case)."""
+    overhead = budget / 8
+    widths = [_unit_widths(u, lengths) for u in units]
+    # cost[j]: the cheapest packing of units[:j]; start[j]: where its last micro-batch starts.
+    cost = [0.0] + [math.inf] * len(units)
+    start = [0] * (len(units) + 1)
+    for j in range(1, len(units) + 1):
+        prompt_width = response_width = rows = 0
+        for i in range(j - 1, -1, -1):  # micro-batch units[i:j], growing to the left (longer answers)
+            prompt_width, response_width = max(prompt_width, widths[i][0]), max(response_width, widths[i][1])
+            rows += len(units[i])
+            padded = rows * (prompt_width + response_width)
+            if padded > budget and i < j - 1:
+                break  # wider and taller from here on; a single oversized unit is allowed alone
+            if cost[i] + padded + overhead < cost[j]:
+                cost[j], start[j] = cost[i] + padded + overhead, i
+    mbs: list[list[Member]] = []
+    j = len(units)
+    while j > 0:
+        mbs.append([m for unit in units[start[j] : j] for m in unit])
+        j = start[j]
+    return mbs[::-1]
+
+
+def group_lengths(groups: Sequence[Group]) -> list[GroupLengths]:
+    """What ``plan_steps`` packs by: each group's prompt length and response lengths."""
+    return [(len(g.prompt_ids), [len(r) for r in g.response_ids]) for g in groups]
 
 
 def _micro_batch(
@@ -199,36 +338,50 @@ def build_steps(
     return steps
 
 
+def padding_fraction(steps: Sequence[StepBatch]) -> float | None:
+    """Padded share of the token positions the forwards compute (prompt and response padding, this rank's
+    real micro-batches); None when there are none."""
+    computed = real = 0
+    for step in steps:
+        for mb in step.micro_batches:
+            if not mb.is_padding:
+                computed += mb.attention_mask.numel()
+                real += int(mb.attention_mask.sum())
+    return None if computed == 0 else 1.0 - real / computed
+
+
+def forward_is_deterministic(model: nn.Module) -> bool:
+    """Whether a training-mode forward gives the eval-mode log-probs, i.e. no dropout anywhere: then the
+    first step's old log-probs may come from its training forward (``StepBatch.old_logprobs_from_forward``)."""
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
+        value = getattr(config, key, 0.0)
+        if isinstance(value, (int, float)) and value > 0:
+            return False
+    return not any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 @torch.no_grad()
 def fill_old_logprobs(
     steps: list[StepBatch],
     logprob_fn: LogprobFn,
     device: torch.device | str,
-    max_gap: float | None = None,
-    dtypes: tuple[torch.dtype | None, torch.dtype | None] | None = None,
-) -> float | None:
-    """Recompute logπ_old with the training model; returns the engine/trainer log-prob gap (all ranks), None
-    when there was no response token to measure it on.
+    gap: LogprobGap | None = None,
+) -> LogprobGap:
+    """Recompute logπ_old with the training model for every step not marked ``old_logprobs_from_forward``;
+    returns ``gap`` (a new ``LogprobGap`` if None) with their engine/trainer differences added.
 
     ``logprob_fn`` is the policy's log-prob function (``PolicyModule.response_logprobs``); the caller puts
-    the model in eval mode. A gap above ``max_gap`` raises ``LogprobGapError`` (a broken weight sync, or
-    ``dtypes`` = (engine dtype, policy dtype) that differ, which the error then names).
+    the model in eval mode and calls ``gap.finish()`` (all ranks) once every step's tokens are in.
     """
-    gap_sum, tokens = 0.0, 0.0
+    gap = LogprobGap() if gap is None else gap
     for step in steps:
+        if step.old_logprobs_from_forward:
+            continue
         for mb in step.micro_batches:
             ids, mask_2d = mb.input_ids.to(device), mb.attention_mask.to(device)
             lp = logprob_fn(ids, mask_2d, mb.prompt_len, step.temperature).float().cpu()
             mask = mb.loss_batch.response_mask
             mb.loss_batch.old_logprobs = lp * mask
-            n = float(mask.sum())
-            if n > 0:
-                gap_sum += logprob_gap(mb.engine_logprobs, lp, mask) * n
-                tokens += n
-    totals = all_gather_objects((gap_sum, tokens))
-    all_tokens = sum(t for _, t in totals)
-    if all_tokens == 0:
-        return None
-    gap = sum(s for s, _ in totals) / all_tokens
-    check_logprob_gap(gap, max_gap, dtypes=dtypes)
+            gap.add(mb.engine_logprobs, lp, mask)
     return gap
