@@ -10,6 +10,8 @@ export VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TO
 # MKL's default path may round differently with the memory alignment of its inputs and with the CPU model;
 # its conditional-reproducibility mode makes the warm-up (hundreds of SFT steps) and the run repeatable.
 export MKL_CBWR=${MKL_CBWR:-COMPATIBLE}
+# torch's own vectorised kernels round differently on AVX-512 and AVX2 machines; AVX2 is on every x86 one.
+export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 run_dir=${DEMO_RUN_DIR:-outputs/demo/$(date +%Y-%m-%d_%H-%M-%S)}
 .venv/bin/nft-lit warmup --name demo ${DEMO_WARMUP_ARGS:-}

@@ -115,6 +115,10 @@ def fingerprint(name: str, workdir: Path) -> dict:
         # MKL's default code path may round differently with the memory alignment of its inputs, and any
         # change of the code's allocations moves that; its conditional-reproducibility mode does not.
         "MKL_CBWR": "COMPATIBLE",
+        # torch's own vectorised kernels (softmax, norms, activations) dispatch on the CPU's widest SIMD: an
+        # AVX-512 machine rounds differently from an AVX2 one, and the demo's 400 SFT steps of warm-up amplify
+        # that. Every x86 machine this project runs on has AVX2.
+        "ATEN_CPU_CAPABILITY": "avx2",
         "NFT_LIT_CACHE": str(cache),
         "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }

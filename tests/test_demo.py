@@ -54,6 +54,10 @@ def test_cut_down_demo_produces_all_artefacts(tmp_path, tiny_warmup):
     }
     assert all(p.stat().st_size > 1000 for p in pngs)
     assert "held-out before (%)" in table and "| nft | 1 |" in table
+    # where the time goes: every phase the run logged, and the throughput
+    header = next(line for line in table.splitlines() if line.startswith("| run | sync (s)"))
+    for column in ("generate (s)", "old_logprobs (s)", "train (s)", "eval (s)", "iteration (s)", "train tok/s"):
+        assert column in header, column
     assert (run_dir / "report.md").read_text().startswith(table)
     # The run started from the warmed-up folder, not a random init.
     assert load_model(ModelSpec(pretrained=str(base.path))).config.hidden_size == 64
@@ -77,12 +81,14 @@ def test_report_groups_seeds(tmp_path):
         (run / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n- algorithm=nft\n")
         with open(run / "csv" / "metrics.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["epoch", "step", "val/heldout/avg@1", "train/entropy"])
-            w.writerow([0, 0, accs[0], ""])
-            w.writerow([0, 1, "", 0.4])
-            w.writerow([0, 2, "", 0.2])
-            w.writerow([0, 2, accs[1], ""])
+            w.writerow(["epoch", "step", "val/heldout/avg@1", "train/entropy", "seconds/generate"])
+            w.writerow([0, 0, accs[0], "", ""])
+            w.writerow([0, 1, "", 0.4, ""])
+            w.writerow([0, 2, "", 0.2, 1.0 + seed])
+            w.writerow([0, 2, accs[1], "", ""])
     table, _ = report([tmp_path], tmp_path / "out")
+    assert "| run | generate (s) |" in table.splitlines()  # only the phases the runs logged
+    assert "| nft | 1.5 |" in table  # median per run (1.0 and 2.0), mean over the seeds
     row = next(line for line in table.splitlines() if line.startswith("| nft |"))
     # before 25.0 ± 7.1, after 60.0 ± 14.1, gain 35.0 ± 7.1; entropy of iteration 1 = mean of its steps
     assert "| 2 | 25.0 ± 7.1 | 60.0 ± 14.1 | 35.0 ± 7.1 |" in row

@@ -24,6 +24,13 @@ CURVES = {
     "response_length": ("rollout/response_length_mean", "response length (tokens)"),
 }
 _IGNORED_OVERRIDES = ("seed", "hydra.", "experiment", "iterations")
+# The time table: seconds of each phase of an iteration, then throughput (medians over iterations).
+PHASES = ("sync", "generate", "verify", "verify_wait", "filter", "plan", "old_logprobs", "train", "eval", "iteration")
+THROUGHPUT = {
+    "rollout/gen_tokens_per_second": "gen tok/s",
+    "train/tokens_per_second": "train tok/s",
+    "rollout/padding_fraction": "padding",
+}
 
 
 @dataclass
@@ -35,6 +42,8 @@ class Run:
     seed: int
     overrides: list[str] = field(default_factory=list)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    # median over iterations of each seconds/* and throughput metric the run logged
+    timings: dict[str, float] = field(default_factory=dict)
 
     def first(self, metric: str) -> float:
         return self.curves[metric][0][1]
@@ -90,6 +99,9 @@ def load_run(run_dir: Path) -> Run:
             per_iter = rows.groupby(rows["epoch"].astype(int))[metric].mean()
             points = [(int(e) + 1, float(v)) for e, v in per_iter.items()]
         run.curves[metric] = points
+    for metric in [f"seconds/{p}" for p in PHASES] + list(THROUGHPUT):
+        if metric in frame and frame[metric].notna().any():
+            run.timings[metric] = float(frame[metric].dropna().median())
     if HELDOUT not in run.curves:
         raise ValueError(f"report: {run_dir} logged no {HELDOUT!r} (set eval.heldout in the experiment)")
     return run
@@ -148,6 +160,33 @@ def results_table(groups: dict[str, list[Run]]) -> str:
     return "\n".join(lines + [f"\nNote: {n}" for n in notes])
 
 
+def time_table(groups: dict[str, list[Run]]) -> str:
+    """Markdown table: where an iteration's time goes, median seconds per phase (``seconds/*``; eval: per
+    evaluation), and generation/training throughput, averaged over seeds; "–" where a run logged none."""
+    phases = [p for p in PHASES if any(f"seconds/{p}" in r.timings for runs in groups.values() for r in runs)]
+    extra = [m for m in THROUGHPUT if any(m in r.timings for runs in groups.values() for r in runs)]
+    if not phases and not extra:
+        return ""
+    lines = [
+        "| run | " + " | ".join([f"{p} (s)" for p in phases] + [THROUGHPUT[m] for m in extra]) + " |",
+        "|---" * (1 + len(phases) + len(extra)) + "|",
+    ]
+    for label, runs in groups.items():
+        cells = []
+        for metric in [f"seconds/{p}" for p in phases] + extra:
+            values = [r.timings[metric] for r in runs if metric in r.timings]
+            if not values:
+                cells.append("–")
+            elif metric == "rollout/padding_fraction":
+                cells.append(f"{100 * statistics.fmean(values):.1f}%")
+            elif metric.endswith("per_second"):
+                cells.append(f"{statistics.fmean(values):.0f}")
+            else:
+                cells.append(f"{statistics.fmean(values):.3g}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
     """One PNG per curve: mean over seeds per iteration, shaded ± std."""
     import matplotlib
@@ -193,6 +232,9 @@ def report(paths: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
     groups = group_runs(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = results_table(groups)
+    times = time_table(groups)
+    if times:
+        table += "\n\nTime per iteration (median over iterations, mean over seeds):\n\n" + times
     pngs = plot_curves(groups, out_dir)
     sources = "\n".join(f"- {r.label} seed {r.seed}: `{r.path}`" for r in runs)
     (out_dir / "report.md").write_text(f"{table}\n\nRuns:\n{sources}\n")
