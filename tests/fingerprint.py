@@ -112,9 +112,10 @@ def fingerprint(name: str, workdir: Path) -> dict:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        # MKL's default code path may round differently with the memory alignment of its inputs, and any
-        # change of the code's allocations moves that; its conditional-reproducibility mode does not.
-        "MKL_CBWR": "COMPATIBLE",
+        # MKL's default code path may round differently with the memory alignment of its inputs (any change of
+        # the code's allocations moves that) and with the CPU; its conditional-reproducibility mode on the AVX2
+        # path, strict (alignment-independent), does not, at the AVX2 speed (COMPATIBLE is ~4x slower).
+        "MKL_CBWR": "AVX2,STRICT",
         # torch's own vectorised kernels (softmax, norms, activations) dispatch on the CPU's widest SIMD: an
         # AVX-512 machine rounds differently from an AVX2 one, and the demo's 400 SFT steps of warm-up amplify
         # that. Every x86 machine this project runs on has AVX2.
