@@ -1,5 +1,8 @@
 """The sampler stage: problems in, scored answers out, one prompt encoding for training and evaluation."""
 
+import threading
+
+import pytest
 from _rollout_fakes import FakeSampling, addition_problems, make_sampler
 
 from nft_lit.prompts import PromptTemplate
@@ -44,3 +47,46 @@ def test_an_engine_factory_is_built_once_at_first_use():
     sampler = make_sampler(engine=factory)
     assert built == []
     assert sampler.engine is sampler.engine and len(built) == 1
+
+
+def test_chunked_sampling_keeps_the_order_and_gives_each_chunk_its_own_seed():
+    whole = make_sampler()
+    chunked = make_sampler(chunk_prompts=2)
+    problems = addition_problems(5)
+    one = whole.sample(problems, 3, FakeSampling(seed=7))
+    parts = chunked.sample(problems, 3, FakeSampling(seed=7))
+    # the fake engine's answers depend on the prompt and the index only: chunking keeps them and their order
+    assert parts.response_ids == one.response_ids and parts.correct == one.correct
+    assert whole.engine.seeds == [7]  # one chunk keeps the round's seed
+    seeds = chunked.engine.seeds
+    assert len(seeds) == 3 and len(set(seeds)) == 3 and 7 not in seeds  # 2 + 2 + 1 prompts, distinct streams
+
+
+def test_each_chunk_is_verified_while_the_next_one_generates():
+    """Chunk c + 1 generates while chunk c is verified: the engine's next call sees chunk c's verification
+    under way (a sampler that verifies after generating everything would keep it waiting until the timeout)."""
+    verifying = [threading.Event() for _ in range(3)]
+    overlapped = []
+    sampler = make_sampler(chunk_prompts=1)
+    generate, score = sampler.engine.generate, sampler.verifier.score
+
+    def generate_after_previous_chunk_is_being_verified(prompt_ids, num_samples, sampling):
+        chunk = len(sampler.engine.seeds)
+        if chunk > 0:
+            overlapped.append(verifying[chunk - 1].wait(timeout=10))
+        return generate(prompt_ids, num_samples, sampling)
+
+    def flagging_score(responses, golds, truncated):
+        verifying[sum(e.is_set() for e in verifying)].set()
+        return score(responses, golds, truncated)
+
+    sampler.engine.generate = generate_after_previous_chunk_is_being_verified
+    sampler.verifier.score = flagging_score
+    out = sampler.sample(addition_problems(3), 2, FakeSampling(seed=1))
+    assert overlapped == [True, True]
+    assert len(out.correct) == 6 and out.verify_seconds >= 0 and out.verify_wait_seconds >= 0
+
+
+def test_chunk_prompts_must_be_positive():
+    with pytest.raises(ValueError, match=r"sampler\.chunk_prompts"):
+        make_sampler(chunk_prompts=0)
