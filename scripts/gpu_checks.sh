@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU check in one go (about 6 min on an H200): the `gpu` tests (FSDP2/bf16 fits on one device over
-# NCCL), bench/gpu_check.py (bf16 step MFU, loss kernels, HF generation), then its torch.compile variant.
-# Logs and JSON go to OUT_DIR; STAGES picks a subset (default "tests bench compile").
+# Every GPU check in one go (about 9 min on an H200): the `gpu` tests (FSDP2/bf16 fits on one device over
+# NCCL, ~2 min), bench/gpu_check.py (bf16 step MFU, loss kernels, HF generation, ~1 min), its torch.compile
+# variant (~1.5 min), then bench/gpu_loop.py (module.compile inside Trainer.fit, and token-budget vs fixed
+# micro-batches at 512-8k long-tail lengths, ~3 min). Each stage has a timeout (220/120/150/300 s).
+# Logs and JSON go to OUT_DIR; STAGES picks a subset (default "tests bench compile loop").
 #
 #   bash scripts/gpu_checks.sh [OUT_DIR]      # default bench/results
 #
@@ -22,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import sys, torch, lightning, transformers; print('python', sys.version.split()[0], 'torch', \
 torch.__version__, 'lightning', lightning.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu_env.txt"
 status=0
-for stage in ${STAGES:-tests bench compile}; do
+for stage in ${STAGES:-tests bench compile loop}; do
     case $stage in
     tests) timeout 220 python3 -m pytest -m gpu tests/test_gpu.py -v -s -p no:cacheprovider \
         --junitxml="$out/gpu_tests.xml" 2>&1 | tee "$out/gpu_tests.log" || status=1 ;;
@@ -30,7 +32,9 @@ for stage in ${STAGES:-tests bench compile}; do
         || status=1 ;;
     compile) timeout 150 python3 bench/gpu_check.py --compile --micro-batches 8 --checkpointing off \
         --out "$out/gpu_check_compile.json" 2>&1 | tee "$out/gpu_check_compile.log" || status=1 ;;
-    *) echo "scripts/gpu_checks.sh: unknown stage '$stage' in STAGES (expected tests, bench, compile)" >&2; exit 2 ;;
+    loop) timeout 300 python3 bench/gpu_loop.py --out "$out/gpu_loop.json" 2>&1 | tee "$out/gpu_loop.log" \
+        || status=1 ;;
+    *) echo "scripts/gpu_checks.sh: unknown stage '$stage' in STAGES (expected tests, bench, compile, loop)" >&2; exit 2 ;;
     esac
 done
 exit $status
