@@ -2,19 +2,24 @@
 the engine's dtype (the policy's by default).
 
 One `vllm.LLM` in the policy's dtype (the default) for most of the module (start-up dominates); every test
-first syncs the weights it needs. The last test starts a second one with an explicit bfloat16.
+first syncs the weights it needs. `test_explicit_dtype_is_kept` starts a second one with an explicit bfloat16.
+The last tests run `nft-lit fit ... rollout=vllm` end to end (smoke: random init; demo: a tiny warmed-up base).
 """
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import logging
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from _rollout_fakes import padded_logprobs
+from _rollout_fakes import PARITY_OVERRIDES, padded_logprobs
 
 from nft_lit import rollout
 from nft_lit.models import build_char_tokenizer, save_hf_folder, tiny_causal_lm
@@ -265,3 +270,66 @@ def test_explicit_dtype_is_kept(model_folder, prompts, capfd, caplog):
     assert gap > 1e-4  # bfloat16 numerics
     with pytest.raises(LogprobGapError, match=r"engine runs in bfloat16 but the policy is float32.*rollout\.dtype"):
         check_logprob_gap(gap, max_gap=1e-5, dtypes=(eng.dtype, model.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- nft-lit fit
+TESTS = Path(__file__).parent
+
+
+def _fit_with_vllm(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    cmd = [sys.executable, "-m", "nft_lit.cli", "fit", "rollout=vllm", *overrides, f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _logged(run_dir: Path, key: str) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_fit_smoke_with_vllm(tmp_path):
+    """`nft-lit fit experiment=smoke rollout=vllm`: the random-init policy is saved for vLLM, which then samples
+    from the synced trained weights at float precision (parity rewards: both iterations update the weights)."""
+    run = tmp_path / "run"
+    _fit_with_vllm(run, "experiment=smoke", "iterations=2", *PARITY_OVERRIDES)
+    assert (run / "engine_init" / "config.json").is_file()
+    gaps = _logged(run, "rollout/logprob_gap")
+    assert len(gaps) == 2 and max(gaps) < 1e-4, gaps
+    assert len(_logged(run, "val/heldout/avg@1")) == 2  # before training and after iteration 2
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@needs_vllm
+def test_demo_with_vllm_from_a_tiny_base(tmp_path, tiny_warmup):
+    """`nft-lit fit experiment=demo rollout=vllm`, cut down as tests/test_demo.py: vLLM starts from the warmed-up
+    base's own folder (nothing saved) and its log-probs match the trainer's."""
+    from nft_lit.demo.warmup import warmup
+
+    warmup(tiny_warmup(name="demo"), tmp_path / "cache" / "warmup")
+    run = tmp_path / "run"
+    cut_down = [
+        "iterations=1",
+        "data.problems.digits=1",
+        "data.problems.size=60",
+        "eval.heldout.digits=1",
+        "eval.heldout.size=8",
+        "sampling.max_new_tokens=3",
+        "datamodule.prompts_per_step=8",
+        "datamodule.gen_prompts_per_round=8",
+        "datamodule.max_prompt_tokens=8",
+    ]
+    _fit_with_vllm(run, "experiment=demo", *cut_down, env={"NFT_LIT_CACHE": str(tmp_path / "cache")})
+    assert not (run / "engine_init").exists()
+    gaps = _logged(run, "rollout/logprob_gap")
+    assert len(gaps) == 1 and gaps[0] < 1e-4, gaps

@@ -302,17 +302,121 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
 
 
+# ---------------------------------------------------------------------------------------------- engine folder
+ENGINE_FOLDER = "engine_init"
+"""Sub-folder of the run dir holding the HF folder an engine starts from when the policy has none."""
+
+
+def engine_needs_folder(rollout: Any) -> bool:
+    """The ``rollout`` node names an engine that starts from an HF folder (a ``model_path`` option, as
+    ``VLLMEngine``) and leaves it null: "the policy's folder", filled in by ``engine_model_path``."""
+    return rollout is not None and "model_path" in rollout and rollout.get("model_path") is None
+
+
+def policy_folder(spec: Any) -> tuple[str, str | None] | None:
+    """(model folder, separate tokenizer folder or None) an engine can load the policy's architecture and
+    tokenizer from, or None when the policy has no such folder: random init, a GGUF file, a ``char:``
+    tokenizer, or a ``pretrained`` folder that is not on this machine (a checkpoint from elsewhere)."""
+    from nft_lit.models import CHAR_PREFIX
+
+    if spec.pretrained is None or spec.gguf_file is not None or not Path(spec.pretrained, "config.json").is_file():
+        return None
+    if spec.tokenizer is not None and spec.tokenizer.startswith(CHAR_PREFIX):
+        return None
+    return str(spec.pretrained), spec.tokenizer
+
+
+def _is_local_rank_zero() -> bool:
+    """The first process of this node (Lightning's launcher and torchrun set LOCAL_RANK, SLURM SLURM_LOCALID)."""
+    return all(os.environ.get(var, "0") == "0" for var in ("LOCAL_RANK", "SLURM_LOCALID"))
+
+
+def save_engine_folder(model: Any, tokenizer: Any, path: str | os.PathLike) -> Path:
+    """Write ``model`` and ``tokenizer`` as an HF folder at ``path``, replacing what is there: written beside it
+    and renamed into place, so an engine never reads a half-written folder."""
+    import shutil
+
+    from nft_lit.models import save_hf_folder
+
+    out = Path(path)
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf_folder(model, tokenizer, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another node's first process put the same folder there in between
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def engine_model_path(rollout: Any, spec: Any, run_dir: str | os.PathLike) -> tuple[dict[str, str], Path | None]:
+    """(keyword arguments the engine lacks, folder to save the policy to or None) for a ``rollout`` node that
+    starts from a folder but names none (``engine_needs_folder``); ({}, None) for every other node.
+
+    The policy's own folder (``model.pretrained``, with ``model.tokenizer`` when that is a separate folder
+    and ``rollout.tokenizer_path`` is null) when it has one (``policy_folder``); else ``<run_dir>/engine_init``,
+    which the caller fills with ``write_engine_folder`` before the engine starts. The engine takes its
+    architecture, config and tokenizer from the folder; its weights are replaced at the first sync, which
+    precedes any sampling, so the initial model (or a checkpoint's) serves.
+    """
+    if not engine_needs_folder(rollout):
+        return {}, None
+    found = policy_folder(spec)
+    if found is not None:
+        folder, tokenizer_folder = found
+        if tokenizer_folder is not None and rollout.get("tokenizer_path") is None:
+            return {"model_path": folder, "tokenizer_path": tokenizer_folder}, None
+        return {"model_path": folder}, None
+    path = Path(run_dir) / ENGINE_FOLDER
+    return {"model_path": str(path)}, path
+
+
+def write_engine_folder(path: Path | None, policy: Any) -> None:
+    """Save ``policy()`` (a zero-argument callable returning (model, tokenizer)) as the HF folder ``path`` from
+    the first process of the node (the others start their engine after the processes have met, in fit); a
+    no-op for None."""
+    if path is None or not _is_local_rank_zero():
+        return
+    model, tokenizer = policy()
+    save_engine_folder(model, tokenizer, path)
+    log.info("rollout engine: the policy has no HF folder of its own; saved it as %s", path)
+
+
+def _initial_policy(cfg: Any) -> Any:
+    """A callable building the run's initial model and tokenizer (what ``configure_model`` builds)."""
+
+    def build() -> tuple[Any, Any]:
+        from nft_lit.models import load_model
+
+        tokenizer = _instantiate(cfg.tokenizer)
+        return load_model(_instantiate(cfg.model), tokenizer), tokenizer
+
+    return build
+
+
+def build_engine(cfg: Any) -> tuple[Any, Path | None]:
+    """The ``rollout`` node's engine (a factory for the lazily built ones) with its folder filled in, and the
+    folder ``write_engine_folder`` must save the initial policy to first (None when it has its own)."""
+    spec = _instantiate(cfg.model) if engine_needs_folder(cfg.rollout) else None
+    kwargs, to_save = engine_model_path(cfg.rollout, spec, cfg.run_dir)
+    return _instantiate(cfg.rollout, **kwargs), to_save
+
+
 def build_fit(cfg: Any) -> tuple[Any, Any, Any | None]:
     """(module, datamodule, held-out evaluation or None) of a composed config; fails at start on bad values.
 
-    The sampler is built once and shared by the datamodule's rollouts and the held-out evaluation.
+    The sampler is built once and shared by the datamodule's rollouts and the held-out evaluation. An engine
+    that starts from a model folder gets the policy's (``engine_model_path``: saved under the run dir for a
+    random-init policy).
     """
     from nft_lit.evaluation import Evaluation
     from nft_lit.iteration import check_loss_fits
 
     check_config(cfg)
     module = _instantiate(cfg.module)
-    sampler = _instantiate(cfg.sampler)
+    engine, engine_folder = build_engine(cfg)
+    sampler = _instantiate(cfg.sampler, engine=engine)
     datamodule = _instantiate(cfg.datamodule, sampler=sampler)
     try:
         check_loss_fits(module.loss_fn, datamodule.settings, datamodule.layout.whole_groups)
@@ -320,6 +424,7 @@ def build_fit(cfg: Any) -> tuple[Any, Any, Any | None]:
         raise ConfigError(str(e)) from e
     benchmarks = build_benchmarks(cfg, fallback_to_data=False)
     evaluation = Evaluation(benchmarks, sampler, cfg.eval.batch_prompts) if benchmarks else None
+    write_engine_folder(engine_folder, _initial_policy(cfg))  # last: a refused configuration writes nothing
     return module, datamodule, evaluation
 
 
@@ -460,9 +565,15 @@ def run_validate(cfg: Any) -> dict[str, float]:
         raise ConfigError("validate needs ckpt_path=<checkpoint file>, or model=<config> to evaluate a base model")
     # The checkpoint's tokenizer; the prompt typed on this command line, else the one it was trained with.
     prompt_cfg = cfg.prompt if any(o.startswith("prompt") for o in _command_line_overrides()) else run_cfg.get("prompt")
+    tokenizer = _instantiate(run_cfg.tokenizer)
+    # An engine with its own copy of the weights starts from the evaluated model's folder; a checkpoint of a
+    # policy without one (random init) is exported to the run dir first.
+    spec = _instantiate(run_cfg.model) if engine_needs_folder(cfg.rollout) else None
+    engine_kwargs, engine_folder = engine_model_path(cfg.rollout, spec, cfg.run_dir)
+    write_engine_folder(engine_folder, lambda: (model, tokenizer))
     sampler = Sampler(
-        engine=_instantiate(cfg.rollout),
-        tokenizer=_instantiate(run_cfg.tokenizer),
+        engine=_instantiate(cfg.rollout, **engine_kwargs),
+        tokenizer=tokenizer,
         verifier=_instantiate(cfg.reward.verifier),
         prompt_template=_instantiate(prompt_cfg) if prompt_cfg is not None else None,
     )
@@ -544,6 +655,30 @@ def lightning_cli_run_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def fill_engine_folder_of_lightning_cli(config: Any) -> None:
+    """Set ``data.sampler.init_args.engine.init_args.model_path`` of a parsed LightningCLI config (a
+    jsonargparse Namespace) as ``nft-lit fit`` does (``engine_model_path``): the policy's folder, or its initial
+    model saved as ``<trainer.default_root_dir>/engine_init``."""
+    from nft_lit.models import ModelSpec, load_model, load_tokenizer
+
+    engine = config.get("data.sampler.init_args.engine")
+    args = engine.get("init_args") if engine is not None and hasattr(engine, "get") else None
+    if args is None or not engine_needs_folder(args):
+        return
+    model = config.get("model.model")
+    if not isinstance(model, ModelSpec):
+        model = ModelSpec(**(model.as_dict() if hasattr(model, "as_dict") else dict(model)))
+
+    def initial_policy() -> tuple[Any, Any]:
+        tokenizer = load_tokenizer(model)
+        return load_model(model, tokenizer), tokenizer
+
+    kwargs, to_save = engine_model_path(args, model, config.get("trainer.default_root_dir") or os.getcwd())
+    write_engine_folder(to_save, initial_policy)
+    for key, value in kwargs.items():
+        args[key] = value
+
+
 def lightning_cli_command(argv: list[str]) -> int:
     """LightningCLI over PolicyModule / RolloutDataModule (their typed constructors are the schema)."""
     from lightning.pytorch.cli import LightningCLI
@@ -553,6 +688,11 @@ def lightning_cli_command(argv: list[str]) -> int:
     from nft_lit.module import PolicyModule
 
     class RolloutCLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            # An engine that starts from a folder (VLLMEngine) and names none gets the policy's, as in `fit`.
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            fill_engine_folder_of_lightning_cli(config)
+
         def before_fit(self) -> None:
             # The same check `nft-lit fit` makes after building (build_fit): a loss's needs of the data.
             dm = self.datamodule

@@ -159,6 +159,22 @@ def _as_id_set(eos_token_id: int | Sequence[int] | None, what: str) -> set[int]:
 _SAMPLING_ONLY_FLAGS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 
 
+# generate(output_logits=True) stores every step's logits in float32
+_LOGIT_BYTES = 4
+
+
+def _vocab_size(model: nn.Module) -> int:
+    """Width of the model's logits: its output layer's rows (the global size of a sharded one), else the
+    config's vocab size."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(output, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(config.vocab_size)
+
+
 def _is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -177,20 +193,29 @@ class HFGenerateEngine:
     FSDP2-sharded model (`fully_shard`): every rank must call `generate` with the same number of prompts,
     and ranks keep stepping until all are done (`synced_gpus`) because each step all-gathers parameters.
 
-    `batch_size` bounds the number of sequences per `generate` call (memory: batch × steps × vocab logits).
+    Sequences per `generate` call: `generate(output_logits=True)` keeps the float32 logits of every step,
+    batch × new tokens × vocab × 4 bytes, which is what bounds the batch. `batch_size=None` (the default)
+    picks it from `logits_budget_mib`: as many sequences as keep those logits (at `max_new_tokens`) within
+    the budget, in equal chunks, so a small-vocab/short-answer task samples a whole round in one call and a
+    large-vocab/long-answer model in small ones. An int fixes it. The choice depends only on the number of
+    sequences, `max_new_tokens` and the vocab, so every FSDP rank makes the same calls.
     """
 
     def __init__(
         self,
         pad_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
+        logits_budget_mib: float = 1024.0,
     ) -> None:
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"HFGenerateEngine: batch_size must be a positive int, got {batch_size!r}")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
+            raise ValueError(f"HFGenerateEngine: batch_size must be a positive int or None (auto), got {batch_size!r}")
+        if not (isinstance(logits_budget_mib, (int, float)) and logits_budget_mib > 0):
+            raise ValueError(f"HFGenerateEngine: logits_budget_mib must be > 0, got {logits_budget_mib!r}")
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.batch_size = batch_size
+        self.logits_budget_mib = float(logits_budget_mib)
         self._model: nn.Module | None = None
 
     def sync_weights(self, model: nn.Module) -> dict[str, float]:
@@ -198,6 +223,19 @@ class HFGenerateEngine:
             raise TypeError(f"HFGenerateEngine.sync_weights: {type(model).__name__} has no .generate()")
         self._model = model
         return {"sync/seconds": 0.0}
+
+    def sequences_per_call(self, num_sequences: int, max_new_tokens: int, vocab_size: int) -> int:
+        """Sequences per `generate` call for `num_sequences` answers of up to `max_new_tokens` tokens over a
+        vocab of `vocab_size`: `batch_size` when set, else the most whose stored logits fit the budget, evened
+        out over the calls that takes (at least 1, whatever the budget)."""
+        if num_sequences <= 0:
+            return 1
+        if self.batch_size is not None:
+            return self.batch_size
+        per_sequence = max_new_tokens * vocab_size * _LOGIT_BYTES
+        fit = max(1, int(self.logits_budget_mib * 2**20 // per_sequence))
+        calls = math.ceil(num_sequences / fit)
+        return math.ceil(num_sequences / calls)
 
     def _special_ids(self, model: nn.Module) -> tuple[int, set[int]]:
         config = model.config
@@ -224,8 +262,9 @@ class HFGenerateEngine:
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
-                for start in range(0, len(expanded), self.batch_size):
-                    chunk = expanded[start : start + self.batch_size]
+                size = self.sequences_per_call(len(expanded), sampling.max_new_tokens, _vocab_size(model))
+                for start in range(0, len(expanded), size):
+                    chunk = expanded[start : start + size]
                     for ids, lps, trunc in self._generate_chunk(model, chunk, sampling, pad_id, eos_ids):
                         responses.append(ids)
                         logprobs.append(lps)
@@ -275,10 +314,16 @@ class HFGenerateEngine:
             **sample_kwargs,
         )
         new_tokens = out.sequences[:, width:]
-        steps = new_tokens.shape[1]
-        # logits[t] are the raw model logits that produced token t (before any logits processor).
-        raw = torch.stack(out.logits[:steps], dim=1).float() / sampling.logprob_temperature
-        token_lp = raw.log_softmax(-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1).cpu()
+        # logits[t] are the raw model logits that produced token t (before any logits processor). One step at
+        # a time, so the peak memory stays that of the stored logits (the budget) rather than a few copies.
+        temperature = sampling.logprob_temperature
+        token_lp = torch.stack(
+            [
+                (logits.float() / temperature).log_softmax(-1).gather(-1, new_tokens[:, t : t + 1])[:, 0]
+                for t, logits in enumerate(out.logits[: new_tokens.shape[1]])
+            ],
+            dim=1,
+        ).cpu()
         for row in range(len(prompts)):
             ids, trunc = _cut_at_eos(new_tokens[row].tolist(), eos_ids)
             yield ids, token_lp[row, : len(ids)].tolist(), trunc
@@ -353,6 +398,41 @@ def folder_dtype(model_path: str | os.PathLike) -> str:
     return "auto"
 
 
+# vLLM's CPU attention allocates the KV cache in blocks of this many tokens
+_CPU_KV_BLOCK = 128
+_MIB = 2**20
+
+
+def cpu_kv_cache_bytes(
+    model_path: str | os.PathLike,
+    max_model_len: int | None,
+    max_num_seqs: int,
+    dtype: str,
+    memory_fraction: float,
+) -> int | None:
+    """KV-cache bytes for `max_num_seqs` sequences of `max_model_len` tokens (the model config's length when
+    None) of the folder's model: what the CPU engine needs to never preempt, at least 16 MiB. None when the
+    config does not say (then vLLM's own choice stands) or when it is more than `memory_fraction` of the
+    machine's memory (vLLM's CPU default, which it takes at once: it allocates and warms up that share of RAM
+    at start, ~50 s and 8 GiB for a 1M-parameter model on a 16 GiB machine)."""
+    import psutil
+
+    config = json.loads(Path(model_path, "config.json").read_text())
+    config = config.get("text_config") or config
+    try:
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+        layers = int(config["num_hidden_layers"])
+        length = int(max_model_len or config["max_position_embeddings"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    element = 2 if dtype in ("bfloat16", "float16", "half") else 4  # "auto": at most float32
+    blocks = math.ceil(length / _CPU_KV_BLOCK) * max_num_seqs
+    size = max(16 * _MIB, 2 * layers * kv_heads * head_dim * element * _CPU_KV_BLOCK * blocks)
+    return size if size <= memory_fraction * psutil.virtual_memory().total else None
+
+
 class _DropDtypeCastWarnings(logging.Filter):
     """Drops vLLM's "Attempted to load weight ... with dtype" warning, one per tensor on every sync, once
     `VLLMEngine` has said (once) that the policy's dtype differs from the engine's."""
@@ -391,6 +471,14 @@ class VLLMEngine:
     (bfloat16 for a float32 folder). An engine dtype other than the policy's is logged once at sync and
     named by `check_logprob_gap`.
 
+    `model_path` is the HF folder vLLM starts from (architecture, tokenizer; the weights are replaced at the
+    first sync): the front ends pass the policy's own folder, or one they save for a policy without one
+    (random init), see `nft_lit.cli.engine_model_path`.
+
+    On CPU the KV cache is sized for `max_num_seqs` sequences of `max_model_len` tokens (`cpu_kv_cache_bytes`)
+    unless `engine_kwargs` sets `kv_cache_memory_bytes` (or VLLM_CPU_KVCACHE_SPACE is set), rather than vLLM's
+    CPU default of `gpu_memory_utilization` of the machine's RAM, allocated and warmed up at start.
+
     Colocation needs the engine core in this process, so `VLLM_ENABLE_V1_MULTIPROCESSING` is set to 0.
     One engine per rank: pass `distributed_executor_backend="external_launcher"` with
     `tensor_parallel_size` = ranks sharing one engine; on a single process leave it None.
@@ -398,7 +486,7 @@ class VLLMEngine:
 
     def __init__(
         self,
-        model_path: str,
+        model_path: str | None = None,
         tokenizer_path: str | None = None,
         dtype: str = POLICY_DTYPE,
         gpu_memory_utilization: float = 0.5,
@@ -413,6 +501,13 @@ class VLLMEngine:
         sleep_level: int = 1,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        if model_path is None:
+            raise FileNotFoundError(
+                "VLLMEngine: model_path=None; vLLM loads an HF model folder (config.json, weights, tokenizer). "
+                "`nft-lit fit` / `validate` / `cli` fill in the policy's folder (model.pretrained), or save one "
+                "for a policy without (nft_lit.cli.engine_model_path); elsewhere save the model first with "
+                "nft_lit.models.save_hf_folder"
+            )
         if not isinstance(model_path, str) or not Path(model_path, "config.json").is_file():
             raise FileNotFoundError(
                 f"VLLMEngine: model_path={model_path!r} is not an HF model folder (no config.json); "
@@ -437,6 +532,7 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         self._vllm = vllm
+        self._on_cpu = current_platform.is_cpu()
         self.model_path = model_path
         self.requested_dtype = dtype
         self.sleep_level = sleep_level
@@ -466,7 +562,13 @@ class VLLMEngine:
 
     def _start(self, dtype: str) -> None:
         log.info("VLLMEngine: starting vLLM in %s (rollout.dtype=%s)", dtype, self.requested_dtype)
-        self._llm = self._vllm.LLM(dtype=dtype, **self._llm_kwargs)
+        kwargs = dict(self._llm_kwargs)
+        if self._on_cpu and kwargs.get("kv_cache_memory_bytes") is None:
+            share = kwargs["gpu_memory_utilization"]
+            size = cpu_kv_cache_bytes(self.model_path, kwargs["max_model_len"], kwargs["max_num_seqs"], dtype, share)
+            if size is not None:
+                kwargs["kv_cache_memory_bytes"] = size
+        self._llm = self._vllm.LLM(dtype=dtype, **kwargs)
         if not self.eos_ids:
             self.eos_ids = _as_id_set(self._llm.get_tokenizer().eos_token_id, "VLLMEngine")
 
