@@ -134,7 +134,9 @@ def pass_rate(
 ) -> float:
     """Fraction of ``problems`` answered exactly, one answer each, through the RL loop's own engine and
     verifier (a truncated answer is negative)."""
-    engine = HFGenerateEngine(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    # A fixed batch: the warm-up stops at a measured pass rate, and the samples drawn depend on how the
+    # answers are batched, so the engine's automatic choice must not move the demo's base.
+    engine = HFGenerateEngine(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, batch_size=64)
     sampler = Sampler(engine, tokenizer, ExactMatchVerifier())
     sampler.sync(model)
     sampling = SamplingParams(temperature=0.0 if greedy else 1.0, max_new_tokens=max_new_tokens, seed=seed)
