@@ -27,6 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from nft_lit.distributed import derive_seed
+
 log = logging.getLogger(__name__)
 
 
@@ -642,8 +644,9 @@ class VLLMEngine:
                 top_p=float(sampling.top_p),
                 top_k=sampling.top_k if sampling.top_k > 0 else -1,
                 max_tokens=sampling.max_new_tokens,
-                # distinct per-prompt streams; identical seeds would correlate the noise across prompts
-                seed=None if sampling.seed is None else sampling.seed + i,
+                # distinct per-prompt streams, well apart: vLLM seeds sample j of a request with seed + j, so
+                # seed + i would give prompt i's sample j the stream of prompt i + 1's sample j - 1
+                seed=None if sampling.seed is None else derive_seed(sampling.seed, i),
                 stop_token_ids=sorted(self.eos_ids),
                 logprobs=0 if want_logprobs else None,
                 detokenize=False,
