@@ -4,42 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "bench" / "gpu_loop.py"
-ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-}
-
-
-def run(*args: str, timeout: float = 540) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, f"gpu_loop.py {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
-    return proc
-
-
-def positive(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+from test_bench import positive, run  # the bench runner and checks of tests/test_bench.py
 
 
 def finite(values: list[Any]) -> bool:
@@ -110,7 +79,7 @@ def check_budget(part: dict) -> None:
 @pytest.mark.timeout(600)
 def test_gpu_loop_cpu_smoke(tmp_path: Path) -> None:
     out = tmp_path / "gpu_loop.json"
-    proc = run("--cpu-smoke", "--out", str(out))
+    proc = run("gpu_loop.py", "--cpu-smoke", "--out", str(out), timeout=540)
     assert "(a) module.compile" in proc.stdout and "(b) token budget" in proc.stdout, proc.stdout
     data = json.loads(out.read_text())
     assert data["meta"]["device"] == "cpu" and data["meta"]["parts"] == ["budget", "compile"]
@@ -125,6 +94,6 @@ def test_gpu_loop_without_gpu_exits_cleanly(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is present: the no-GPU path does not apply")
     out = tmp_path / "gpu_loop.json"
-    proc = run("--out", str(out), timeout=120)
+    proc = run("gpu_loop.py", "--out", str(out), timeout=120)
     assert "no CUDA GPU" in proc.stderr
     assert not out.exists()  # nothing measured, nothing written
