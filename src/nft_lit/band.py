@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nft_lit.data import Problem, ProblemSet
+from nft_lit.data import Problem, ProblemSet, read_records
 
 __all__ = [
     "PARTS",
@@ -270,30 +270,25 @@ def read_selection(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         )
     records: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
-    with file.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{file}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SelectionError(f"{where}: malformed JSON ({exc.msg}, column {exc.colno})") from None
-            if not isinstance(record, dict):
-                raise SelectionError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            qid = record.get("id")
-            if not isinstance(qid, str) or not qid:
-                raise SelectionError(f"{where}: field 'id': expected a non-empty string, got {qid!r}")
-            part = record.get("part")
-            if part not in PARTS:
-                raise SelectionError(f"{where}: field 'part': expected one of {list(PARTS)}, got {part!r}")
-            r_hat = record.get("r_hat")
-            if isinstance(r_hat, bool) or not isinstance(r_hat, int | float) or not 0 <= r_hat <= 1:
-                raise SelectionError(f"{where}: field 'r_hat': expected a number in [0, 1], got {r_hat!r}")
-            if qid in seen:
-                raise SelectionError(f"{where}: field 'id': {qid!r} is listed twice (first on line {seen[qid]})")
-            seen[qid] = line_no
-            records.append({**record, "_line": line_no})
+    try:
+        lines = list(read_records(file))  # malformed JSON and non-objects fail naming the file and line
+    except ValueError as err:
+        raise SelectionError(str(err)) from None
+    for line_no, record in lines:
+        where = f"{file}:{line_no}"
+        qid = record.get("id")
+        if not isinstance(qid, str) or not qid:
+            raise SelectionError(f"{where}: field 'id': expected a non-empty string, got {qid!r}")
+        part = record.get("part")
+        if part not in PARTS:
+            raise SelectionError(f"{where}: field 'part': expected one of {list(PARTS)}, got {part!r}")
+        r_hat = record.get("r_hat")
+        if isinstance(r_hat, bool) or not isinstance(r_hat, int | float) or not 0 <= r_hat <= 1:
+            raise SelectionError(f"{where}: field 'r_hat': expected a number in [0, 1], got {r_hat!r}")
+        if qid in seen:
+            raise SelectionError(f"{where}: field 'id': {qid!r} is listed twice (first on line {seen[qid]})")
+        seen[qid] = line_no
+        records.append({**record, "_line": line_no})
     if not records:
         summary = file.with_name(SUMMARY_FILE)
         why = ""
