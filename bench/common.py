@@ -46,6 +46,16 @@ def meta(**extra: Any) -> dict[str, Any]:
     return info
 
 
+def no_gpu_message(script: str) -> str:
+    """What a GPU benchmark prints, before exiting 0 with nothing measured, on a machine without CUDA."""
+    import torch
+
+    return (
+        f"{script}: no CUDA GPU is available (torch.cuda.is_available() is False, torch {torch.__version__}); "
+        "it measures an H100/H200. Nothing was measured. Use --cpu-smoke to check the harness on CPU."
+    )
+
+
 def peak_rss_mib() -> float:
     """Peak resident set size of this process so far, MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

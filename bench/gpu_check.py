@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import median, meta, print_table, write_json
+from common import median, meta, no_gpu_message, print_table, write_json
 from loss_throughput import ALGORITHMS, load_loss, make_batch
 
 from nft_lit.losses import LossBatch, NFTLoss
@@ -256,12 +256,7 @@ def main() -> int:
     if args.cpu_smoke:
         device, shape = torch.device("cpu"), CPU_SMOKE
     elif not torch.cuda.is_available():
-        print(
-            "bench/gpu_check.py: no CUDA GPU is available (torch.cuda.is_available() is False, torch "
-            f"{torch.__version__}); it measures an H100/H200. Nothing was measured. "
-            "Use --cpu-smoke to check the harness on CPU.",
-            file=sys.stderr,
-        )
+        print(no_gpu_message("bench/gpu_check.py"), file=sys.stderr)
         return 0
     else:
         device, shape = torch.device("cuda", 0), QUICK if args.quick else Shape()

@@ -57,7 +57,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from common import median, meta, print_table, quiet_trainer, write_json
+from common import median, meta, no_gpu_message, print_table, quiet_trainer, write_json
 
 from nft_lit.datamodule import _loader
 from nft_lit.iteration import Group
@@ -586,12 +586,7 @@ def main() -> int:
     if args.cpu_smoke:
         device, cfg = torch.device("cpu"), CPU_SMOKE
     elif not torch.cuda.is_available():
-        print(
-            "bench/gpu_loop.py: no CUDA GPU is available (torch.cuda.is_available() is False, torch "
-            f"{torch.__version__}); it measures an H100/H200. Nothing was measured. "
-            "Use --cpu-smoke to check the harness on CPU.",
-            file=sys.stderr,
-        )
+        print(no_gpu_message("bench/gpu_loop.py"), file=sys.stderr)
         return 0
     else:
         device, cfg = torch.device("cuda", 0), Config()
