@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -51,9 +50,10 @@ def test_cut_down_demo_produces_all_artefacts(tmp_path, tiny_warmup):
         "train_reward.png",
         "entropy.png",
         "response_length.png",
+        "logprob_gap.png",
     }
     assert all(p.stat().st_size > 1000 for p in pngs)
-    assert "held-out before (%)" in table and "| nft | 1 |" in table
+    assert "held-out avg@1 before (%)" in table and "| nft | 1 |" in table
     # where the time goes: every phase the run logged, and the throughput
     header = next(line for line in table.splitlines() if line.startswith("| run | sync (s)"))
     for column in ("generate (s)", "old_logprobs (s)", "train (s)", "eval (s)", "iteration (s)", "train tok/s"):
@@ -81,19 +81,23 @@ def test_report_groups_seeds(tmp_path):
         (run / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n- algorithm=nft\n")
         with open(run / "csv" / "metrics.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["epoch", "step", "val/heldout/avg@1", "train/entropy", "seconds/generate"])
-            w.writerow([0, 0, accs[0], "", ""])
-            w.writerow([0, 1, "", 0.4, ""])
-            w.writerow([0, 2, "", 0.2, 1.0 + seed])
-            w.writerow([0, 2, accs[1], "", ""])
-    table, _ = report([tmp_path], tmp_path / "out")
+            w.writerow(
+                ["epoch", "step", "val/heldout/avg@4", "train/entropy", "seconds/generate", "rollout/logprob_gap"]
+            )
+            w.writerow([0, 0, accs[0], "", "", ""])
+            w.writerow([0, 1, "", 0.4, "", 2e-6 * (1 + seed)])
+            w.writerow([0, 2, "", 0.2, 1.0 + seed, ""])
+            w.writerow([0, 2, accs[1], "", "", ""])
+    table, pngs = report([tmp_path], tmp_path / "out")
     assert "| run | generate (s) |" in table.splitlines()  # only the phases the runs logged
+    assert "held-out avg@4 before (%)" in table and "max log-prob gap |" in table  # the k the runs sampled
     assert "| nft | 1.5 |" in table  # median per run (1.0 and 2.0), mean over the seeds
     row = next(line for line in table.splitlines() if line.startswith("| nft |"))
     # before 25.0 ± 7.1, after 60.0 ± 14.1, gain 35.0 ± 7.1; entropy of iteration 1 = mean of its steps
     assert "| 2 | 25.0 ± 7.1 | 60.0 ± 14.1 | 35.0 ± 7.1 |" in row
     assert "0.300 → 0.300" in row
-    assert Path(tmp_path / "out" / "heldout_accuracy.png").is_file()
+    assert row.endswith("| 4.0e-06 |")  # the largest gap of any iteration and seed
+    assert {"heldout_accuracy.png", "logprob_gap.png"} <= {p.name for p in pngs}
 
 
 def test_report_says_when_no_evaluation_followed_training(tmp_path):

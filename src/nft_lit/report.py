@@ -2,13 +2,15 @@
 
 A run folder is what `nft-lit fit` writes: ``.hydra/{config,overrides}.yaml`` and ``csv/metrics.csv``.
 Runs that differ only by ``seed`` form one group; the table gives mean ± std over seeds of the held-out
-accuracy before RL (the base policy) and after the last iteration, like the paper's Table 1, and the
-curves show held-out accuracy and entropy per iteration like its Figures 6 and 8.
+avg@k (``val/heldout/avg@k``, whatever k the run sampled) before RL (the base policy) and after the last
+iteration, like the paper's Table 1, and the curves show held-out accuracy and entropy per iteration like its
+Figures 6 and 8, with the train reward, the response length and the rollout engine's log-prob gap.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +18,15 @@ from pathlib import Path
 import yaml
 
 METRICS_CSV = Path("csv") / "metrics.csv"
-HELDOUT = "val/heldout/avg@1"
+HELDOUT = re.compile(r"^val/heldout/avg@(\d+)$")
+HELDOUT_CURVE = "heldout"  # key of the held-out avg@k curve in Run.curves, whatever k
+GAP = "rollout/logprob_gap"
 CURVES = {
-    "heldout_accuracy": (HELDOUT, "held-out accuracy"),
+    "heldout_accuracy": (HELDOUT_CURVE, "held-out accuracy (avg@k)"),
     "train_reward": ("rollout/reward_mean", "train reward (mean over sampled answers)"),
     "entropy": ("train/entropy", "entropy of sampled tokens (nats)"),
     "response_length": ("rollout/response_length_mean", "response length (tokens)"),
+    "logprob_gap": (GAP, "log-prob gap, rollout engine vs trainer (nats/token)"),
 }
 _IGNORED_OVERRIDES = ("seed", "hydra.", "experiment", "iterations")
 # The time table: seconds of each phase of an iteration, then throughput (medians over iterations).
@@ -40,6 +45,7 @@ class Run:
     path: Path
     label: str
     seed: int
+    heldout_k: int = 1
     overrides: list[str] = field(default_factory=list)
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     # median over iterations of each seconds/* and throughput metric the run logged
@@ -84,26 +90,29 @@ def load_run(run_dir: Path) -> Run:
     name = str(config.get("algorithm", {}).get("name", run_dir.name))
     run = Run(path=run_dir, label=name, seed=int(config.get("seed", 0)), overrides=_overrides(run_dir))
     at_start = bool(config.get("eval", {}).get("at_start", False))
+    heldout = sorted((int(m[1]), c) for c in frame.columns if (m := HELDOUT.match(str(c))))
+    if not heldout:
+        raise ValueError(f"report: {run_dir} logged no 'val/heldout/avg@k' (set eval.heldout in the experiment)")
+    run.heldout_k, heldout_column = heldout[-1]
     for name, (metric, _) in CURVES.items():
-        if metric not in frame:
+        column = heldout_column if metric == HELDOUT_CURVE else metric
+        if column not in frame:
             continue
-        rows = frame[frame[metric].notna()]
+        rows = frame[frame[column].notna()]
         if name == "heldout_accuracy":
             # Evaluations log after iteration `epoch` (so x = epoch + 1), except the one before training.
             xs = [int(e) + 1 for e in rows["epoch"]]
             if at_start and xs:
                 xs[0] = 0
-            points = list(zip(xs, rows[metric].astype(float), strict=True))
+            points = list(zip(xs, rows[column].astype(float), strict=True))
         else:
             # Per-optimizer-step metrics (entropy) are averaged over the iteration's steps.
-            per_iter = rows.groupby(rows["epoch"].astype(int))[metric].mean()
+            per_iter = rows.groupby(rows["epoch"].astype(int))[column].mean()
             points = [(int(e) + 1, float(v)) for e, v in per_iter.items()]
         run.curves[metric] = points
     for metric in [f"seconds/{p}" for p in PHASES] + list(THROUGHPUT):
         if metric in frame and frame[metric].notna().any():
             run.timings[metric] = float(frame[metric].dropna().median())
-    if HELDOUT not in run.curves:
-        raise ValueError(f"report: {run_dir} logged no {HELDOUT!r} (set eval.heldout in the experiment)")
     return run
 
 
@@ -130,19 +139,23 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
 
 
 def results_table(groups: dict[str, list[Run]]) -> str:
-    """Markdown table: held-out accuracy (%) of the base and after RL, mean ± std over seeds."""
+    """Markdown table: held-out avg@k (%) of the base and after RL, mean ± std over seeds; the largest
+    log-prob gap between the rollout engine and the trainer over all iterations and seeds, if logged."""
+    ks = sorted({r.heldout_k for runs in groups.values() for r in runs})
+    k = str(ks[0]) if len(ks) == 1 else "k"
+    with_gap = any(GAP in r.curves for runs in groups.values() for r in runs)
     lines = [
-        "| run | seeds | held-out before (%) | held-out after (%) | gain (points) | train reward after (%) "
-        "| entropy first → last iteration |",
-        "|---|---|---|---|---|---|---|",
+        f"| run | seeds | held-out avg@{k} before (%) | after (%) | gain (points) | train reward after (%) "
+        "| entropy first → last iteration |" + (" max log-prob gap |" if with_gap else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if with_gap else ""),
     ]
     notes = []
     for label, runs in groups.items():
-        before = [r.first(HELDOUT) for r in runs]
+        before = [r.first(HELDOUT_CURVE) for r in runs]
         # "after" needs an evaluation after some training: a run whose only point is the base has none
-        trained = [r for r in runs if r.curves[HELDOUT][-1][0] > 0]
-        after = [r.last(HELDOUT) for r in trained]
-        gain = [r.last(HELDOUT) - r.first(HELDOUT) for r in trained]
+        trained = [r for r in runs if r.curves[HELDOUT_CURVE][-1][0] > 0]
+        after = [r.last(HELDOUT_CURVE) for r in trained]
+        gain = [r.last(HELDOUT_CURVE) - r.first(HELDOUT_CURVE) for r in trained]
         if len(trained) < len(runs):
             notes.append(
                 f"{label}: {len(runs) - len(trained)} of {len(runs)} runs have no held-out evaluation after"
@@ -153,9 +166,11 @@ def results_table(groups: dict[str, list[Run]]) -> str:
         ent_txt = (
             f"{statistics.fmean(e[0] for e in ent):.3f} → {statistics.fmean(e[1] for e in ent):.3f}" if ent else "–"
         )
+        gaps = [y for r in runs for _, y in r.curves.get(GAP, [])]
+        gap_txt = (f" {max(gaps):.1e} |" if gaps else " – |") if with_gap else ""
         lines.append(
             f"| {label} | {len(runs)} | {_fmt(before)} | {_fmt(after) if after else '–'} | "
-            f"{_fmt(gain) if gain else '–'} | {_fmt(reward) if reward else '–'} | {ent_txt} |"
+            f"{_fmt(gain) if gain else '–'} | {_fmt(reward) if reward else '–'} | {ent_txt} |{gap_txt}"
         )
     return "\n".join(lines + [f"\nNote: {n}" for n in notes])
 
@@ -216,6 +231,9 @@ def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
             continue
         ax.set_xlabel("iteration")
         ax.set_ylabel(ylabel)
+        if metric == GAP:
+            # float precision is ~1e-7..1e-5, a broken sync 1e-2 and up; symlog keeps an exact 0 on the axis
+            ax.set_yscale("symlog", linthresh=1e-9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
