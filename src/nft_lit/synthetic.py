@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nft_lit.data import Problem, ProblemSet
@@ -132,42 +133,58 @@ def is_heldout(question: str, heldout_fraction: float) -> bool:
     return int.from_bytes(digest, "big") % _HASH_BUCKETS < heldout_fraction * _HASH_BUCKETS
 
 
-def sample_problems(task: ArithmeticTask, split: str, size: int, seed: int) -> list[Problem]:
-    """``size`` distinct problems of ``task`` from ``split``, deterministic in ``(task, split, size, seed)``."""
+def draw_split(
+    draw: Callable[[random.Random], tuple[str, str] | None],
+    split: str,
+    size: int,
+    rng_key: str,
+    heldout_fraction: float,
+    what: str,
+    hint: str,
+) -> list[tuple[str, str]]:
+    """``size`` distinct (question, answer) pairs from ``draw`` whose questions lie in ``split``'s part of the
+    space (:func:`is_heldout`), deterministic in ``rng_key`` (the seed string of the draws); ``draw`` returns
+    None to reject a draw. ``what`` names the set in errors.
+
+    Rejection sampling; the budget only trips when the (filtered) split has fewer distinct questions than asked
+    for, which is a configuration error rather than bad luck: the error says so, with ``hint``.
+    """
     if split not in SPLITS:
-        raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
+        raise ValueError(f"{what}: split must be one of {SPLITS}, got {split!r}")
     if size < 1:
-        raise ValueError(f"synthetic size must be >= 1, got {size}")
-    rng = random.Random(f"{task.name}/{split}/{seed}")
+        raise ValueError(f"{what}: size must be >= 1, got {size}")
+    rng = random.Random(rng_key)
     want_heldout = split == "heldout"
     seen: set[str] = set()
-    problems: list[Problem] = []
-    # Rejection sampling; the budget only trips when the (filtered) split has fewer distinct problems than
-    # asked for, which is a configuration error rather than bad luck.
+    pairs: list[tuple[str, str]] = []
     budget = 200 * size + 10_000
-    while len(problems) < size:
+    while len(pairs) < size:
         budget -= 1
         if budget < 0:
             raise ValueError(
-                f"synthetic task {task.name} has fewer than {size} distinct {split} problems "
-                f"(found {len(problems)}): lower size, or raise digits/heldout_fraction"
+                f"{what}: fewer than {size} distinct {split} questions (found {len(pairs)}): lower size, or {hint}"
             )
+        pair = draw(rng)
+        if pair is None or pair[0] in seen or is_heldout(pair[0], heldout_fraction) != want_heldout:
+            continue
+        seen.add(pair[0])
+        pairs.append(pair)
+    return pairs
+
+
+def sample_problems(task: ArithmeticTask, split: str, size: int, seed: int) -> list[Problem]:
+    """``size`` distinct problems of ``task`` from ``split``, deterministic in ``(task, split, size, seed)``."""
+
+    def draw(rng: random.Random) -> tuple[str, str] | None:
         operands = task.draw(rng)
-        question = task.question(operands)
-        if question in seen or is_heldout(question, task.heldout_fraction) != want_heldout:
-            continue
-        if not task.accepts(operands):
-            continue
-        seen.add(question)
-        problems.append(
-            Problem(
-                id=f"{task.name}/{split}/{len(problems)}",
-                question=question,
-                answer=task.answer(operands),
-                source=f"synthetic/{task.name}",
-            )
-        )
-    return problems
+        return (task.question(operands), task.answer(operands)) if task.accepts(operands) else None
+
+    rng_key, what = f"{task.name}/{split}/{seed}", f"synthetic task {task.name}"
+    pairs = draw_split(draw, split, size, rng_key, task.heldout_fraction, what, "raise digits/heldout_fraction")
+    return [
+        Problem(id=f"{task.name}/{split}/{i}", question=q, answer=a, source=f"synthetic/{task.name}")
+        for i, (q, a) in enumerate(pairs)
+    ]
 
 
 def arithmetic_problems(

@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass
 
 from nft_lit.data import Problem, ProblemSet
-from nft_lit.synthetic import SPLITS, is_heldout
+from nft_lit.synthetic import draw_split
 
 OPERATIONS = ("+", "-")
 
@@ -103,28 +103,13 @@ def word_problems(
 ) -> ProblemSet:
     """Hydra/Python entry point: ``size`` distinct word problems of ``split``, deterministic in the arguments."""
     task = WordProblemTask(tuple(operations), max_operand, heldout_fraction)
-    if split not in SPLITS:
-        raise ValueError(f"word problems: split must be one of {SPLITS}, got {split!r}")
-    if size < 1:
-        raise ValueError(f"word problems: size must be >= 1, got {size}")
-    rng = random.Random(f"{task.name}/{split}/{seed}")
-    want_heldout = split == "heldout"
-    seen: set[str] = set()
-    problems: list[Problem] = []
-    budget = 200 * size + 10_000  # trips only when the split has fewer distinct questions than asked for
-    while len(problems) < size:
-        budget -= 1
-        if budget < 0:
-            raise ValueError(
-                f"word problems {task.name} have fewer than {size} distinct {split} questions "
-                f"(found {len(problems)}): lower size or raise max_operand"
-            )
-        question, answer = task.draw(rng)
-        if question in seen or is_heldout(question, task.heldout_fraction) != want_heldout:
-            continue
-        seen.add(question)
-        digest = hashlib.blake2b(question.encode(), digest_size=6).hexdigest()
-        problems.append(
-            Problem(id=f"{task.name}/{digest}", question=question, answer=answer, source=f"synthetic/{task.name}")
-        )
-    return ProblemSet(f"synthetic/{task.name}/{split}", tuple(problems))
+    rng_key, what = f"{task.name}/{split}/{seed}", f"word problems {task.name}"
+    pairs = draw_split(task.draw, split, size, rng_key, heldout_fraction, what, "raise max_operand")
+    problems = tuple(
+        Problem(id=f"{task.name}/{_digest(q)}", question=q, answer=a, source=f"synthetic/{task.name}") for q, a in pairs
+    )
+    return ProblemSet(f"synthetic/{task.name}/{split}", problems)
+
+
+def _digest(question: str) -> str:
+    return hashlib.blake2b(question.encode(), digest_size=6).hexdigest()
