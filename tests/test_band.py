@@ -223,8 +223,9 @@ def test_smollm2_math_composes_with_vllm_math_verify_and_the_band_parts(algorith
     train, heldout = cfg.data.problems, cfg.eval.heldout
     assert train._target_ == heldout._target_ == "nft_lit.band.selected_problems"
     assert (train.part, heldout.part) == ("train", "heldout")
-    assert train.selection == heldout.selection and train.problems.name == heldout.problems.name == "gsm8k"
-    assert cfg.eval.num_samples >= 4 and cfg.eval.temperature == cfg.sampling.temperature == 1.0
+    assert train.selection == heldout.selection
+    assert train.problems._target_ == heldout.problems._target_ == "nft_lit.word_problems.word_problems"
+    assert cfg.eval.num_samples >= 4 and cfg.eval.temperature == cfg.sampling.temperature == 0.8
     assert cfg.eval.top_p == 1.0 and cfg.sampling.top_p == 1.0  # vLLM log-probs are exact only untruncated
     assert 1e-6 <= cfg.module.lr <= 1e-5
     instantiate(cfg.algorithm.loss)
@@ -232,15 +233,27 @@ def test_smollm2_math_composes_with_vllm_math_verify_and_the_band_parts(algorith
 
 
 def test_smollm2_math_data_parts_load_from_a_selection_file(tmp_path):
-    """The composed nodes load only the selected ids of the real GSM8K train split (skipped without data)."""
+    """The composed nodes load only the selected ids of the generated word problems, train and held-out apart."""
+    from nft_lit.word_problems import word_problems
+
+    ids = [p.id for p in word_problems(size=40)]
+    rates = [QuestionRate(i, c, 4) for i, c in zip(ids, [1, 2, 3, 0] * 10, strict=True)]
+    band.write_selection(tmp_path, rates, heldout_fraction=0.25, seed=0)
+    cfg = _compose(f"data.selection={tmp_path}")
+    train = instantiate(cfg.data.problems, _convert_="object")
+    heldout = instantiate(cfg.eval.heldout, _convert_="object")
+    assert len(train) + len(heldout) == 30 and not {p.id for p in train} & {p.id for p in heldout}
+    assert train[0].source == "synthetic/words_addsub10" and train.name == "synthetic/words_addsub10/train[band:train]"
+
+
+def test_smollm2_math_takes_another_base_set_by_one_override(tmp_path):
+    """`data@data.source=gsm8k` trains on a GSM8K screen's selection (skipped without the data directory)."""
     from _data_marks import _has_data
 
     if not _has_data():
         pytest.skip("no data directory (set NFT_DATA_DIR)")
     rates = [QuestionRate(f"gsm8k/train/{i}", c, 4) for i, c in zip(range(1, 41), [1, 2, 3, 0] * 10, strict=True)]
     band.write_selection(tmp_path, rates, heldout_fraction=0.25, seed=0)
-    cfg = _compose(f"data.selection={tmp_path}")
+    cfg = _compose("data@data.source=gsm8k", f"data.selection={tmp_path}")
     train = instantiate(cfg.data.problems, _convert_="object")
-    heldout = instantiate(cfg.eval.heldout, _convert_="object")
-    assert len(train) + len(heldout) == 30 and not {p.id for p in train} & {p.id for p in heldout}
     assert train[0].source == "gsm8k" and train.name == "gsm8k/train[band:train]"
