@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 out=outputs/smollm2_math
 selection=.cache/nft-lit/band/words
 [ -d "$HOME/.cache/nft-lit/smollm2-135m-instruct" ] || .venv/bin/nft-lit convert-smollm2
-[ -f "$selection/selection.jsonl" ] || .venv/bin/python -m nft_lit.band --data word_problems --questions 256 \
+[ -f "$selection/selection.jsonl" ] || .venv/bin/python -m nft_lit.band --data synthetic_words --questions 256 \
     --samples 4 --max-new-tokens 128 --temperature 0.8 --heldout-fraction 0.4 --out "$selection"
 
 # Two runs side by side: size each vLLM engine to this run (prompts < 200 tokens + 128 new; 32 answers per

@@ -86,7 +86,7 @@ def test_too_small_space_is_a_clear_error():
 
 @pytest.mark.parametrize(
     "path",
-    sorted((Path(__file__).parents[1] / "configs" / "data").glob("synthetic*.yaml")),
+    sorted((Path(__file__).parents[1] / "configs" / "data").glob("synthetic_add*.yaml")),
     ids=lambda p: p.stem,
 )
 def test_synthetic_data_configs_instantiate(path):

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from nft_lit.data import ProblemSet
 from nft_lit.word_problems import ITEMS, NAMES, TEMPLATES, word_problems
 
-CONFIG = OmegaConf.load("configs/data/word_problems.yaml")
+CONFIG = OmegaConf.load("configs/data/synthetic_words.yaml")
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
@@ -81,3 +81,4 @@ def test_bad_arguments_name_the_field(kwargs, message):
 def test_data_config_instantiates_the_generator():
     problems = instantiate(CONFIG.problems)
     assert len(problems) == CONFIG.problems.size and problems.name == "synthetic/words_addsub10/train"
+    assert CONFIG.name == "synthetic_words"  # the config's file name, as every data config
