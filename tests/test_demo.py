@@ -50,6 +50,7 @@ def test_cut_down_demo_produces_all_artefacts(tmp_path, tiny_warmup):
         "train_reward.png",
         "entropy.png",
         "response_length.png",
+        "truncation.png",
         "logprob_gap.png",
     }
     assert all(p.stat().st_size > 1000 for p in pngs)

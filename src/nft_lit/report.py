@@ -4,7 +4,8 @@ A run folder is what `nft-lit fit` writes: ``.hydra/{config,overrides}.yaml`` an
 Runs that differ only by ``seed`` form one group; the table gives mean ± std over seeds of the held-out
 avg@k (``val/heldout/avg@k``, whatever k the run sampled) before RL (the base policy) and after the last
 iteration, like the paper's Table 1, and the curves show held-out accuracy and entropy per iteration like its
-Figures 6 and 8, with the train reward, the response length and the rollout engine's log-prob gap.
+Figures 6 and 8, with the train reward, the response length, the share of answers cut at the token limit and
+the rollout engine's log-prob gap.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ CURVES = {
     "train_reward": ("rollout/reward_mean", "train reward (mean over sampled answers)"),
     "entropy": ("train/entropy", "entropy of sampled tokens (nats)"),
     "response_length": ("rollout/response_length_mean", "response length (tokens)"),
+    "truncation": ("rollout/truncation_rate", "answers cut at max_new_tokens (share)"),
     "logprob_gap": (GAP, "log-prob gap, rollout engine vs trainer (nats/token)"),
 }
 _IGNORED_OVERRIDES = ("seed", "hydra.", "experiment", "iterations")
