@@ -19,7 +19,7 @@ selection=.cache/nft-lit/band/words
 [ -f "$selection/selection.jsonl" ] || .venv/bin/python -m nft_lit.band --data synthetic_words --questions 256 \
     --samples 4 --max-new-tokens 128 --temperature 0.8 --heldout-fraction 0.4 --out "$selection"
 
-# Two runs side by side: size each vLLM engine to this run (prompts < 200 tokens + 128 new; 32 answers per
+# Two runs side by side: size each vLLM engine to this run (prompts <= 58 tokens + 128 new; 32 answers per
 # call, 29 x 4 held-out) instead of the model's 8192-token context, whose KV cache takes half the RAM per run.
 engine=(rollout.max_model_len=512 rollout.max_num_seqs=128)
 
