@@ -5,7 +5,7 @@ The fallback base set for a small pretrained model that is out of band on every 
 header): short stories such as *"Mia has 7 marbles. She finds 5 more marbles. How many marbles does Mia have
 now?"* with an integer answer that math-verify scores like any other data set's.
 
-Each question is one addition or subtraction (``b <= a`` so answers are non-negative), dressed in one of a
+Each question is one addition or subtraction (the larger operand first, so answers are non-negative), in one of a
 few story templates with a name and an object, so the model must read the story to find the operation.
 Numbers are small by default (operands ``1..max_operand``): the point is a task inside the band of a 135M
 model, where learning is visible in 20 iterations, not a benchmark.
