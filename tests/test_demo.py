@@ -98,6 +98,8 @@ def test_report_groups_seeds(tmp_path):
     assert "| 2 | 25.0 ± 7.1 | 60.0 ± 14.1 | 35.0 ± 7.1 |" in row
     assert "0.300 → 0.300" in row
     assert row.endswith("| 4.0e-06 |")  # the largest gap of any iteration and seed
+    # one row per run: every held-out point (iteration: %), and "–" for curves the run did not log
+    assert "| nft | 0 | 0: 20.0, 1: 50.0 | – | – | – |" in table and "| nft | 1 | 0: 30.0, 1: 70.0 |" in table
     assert {"heldout_accuracy.png", "logprob_gap.png"} <= {p.name for p in pngs}
 
 

@@ -204,6 +204,36 @@ def time_table(groups: dict[str, list[Run]]) -> str:
     return "\n".join(lines)
 
 
+EDGE = 3  # iterations averaged at each end of a curve in the per-run table
+
+
+def _ends(run: Run, metric: str, scale: float = 1.0) -> str:
+    """Mean over the first and over the last ``EDGE`` iterations of a curve, "first → last"."""
+    values = [y * scale for _, y in run.curves.get(metric, [])]
+    if not values:
+        return "–"
+    k = min(EDGE, len(values))
+    return f"{statistics.fmean(values[:k]):.1f} → {statistics.fmean(values[-k:]):.1f}"
+
+
+def per_run_table(runs: list[Run]) -> str:
+    """Markdown table, one row per run: every held-out evaluation (``iteration: avg@k %``), then the train
+    reward, the response length and the share of answers cut at the token limit, each as the mean of the
+    first ``EDGE`` iterations → the mean of the last ``EDGE``."""
+    lines = [
+        f"| run | seed | held-out avg@k (%) by iteration | train reward (%), first {EDGE} → last {EDGE} iterations "
+        "| response length (tokens) | cut at the limit (%) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        heldout = ", ".join(f"{x}: {100 * y:.1f}" for x, y in run.curves[HELDOUT_CURVE])
+        lines.append(
+            f"| {run.label} | {run.seed} | {heldout} | {_ends(run, 'rollout/reward_mean', 100)} | "
+            f"{_ends(run, 'rollout/response_length_mean')} | {_ends(run, 'rollout/truncation_rate', 100)} |"
+        )
+    return "\n".join(lines)
+
+
 def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
     """One PNG per curve: mean over seeds per iteration, shaded ± std."""
     import matplotlib
@@ -254,6 +284,7 @@ def report(paths: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
     times = time_table(groups)
     if times:
         table += "\n\nTime per iteration (median over iterations, mean over seeds):\n\n" + times
+    table += "\n\nPer run:\n\n" + per_run_table(runs)
     pngs = plot_curves(groups, out_dir)
     sources = "\n".join(f"- {r.label} seed {r.seed}: `{r.path}`" for r in runs)
     (out_dir / "report.md").write_text(f"{table}\n\nRuns:\n{sources}\n")
