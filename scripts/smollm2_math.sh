@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# docs/RESULTS.md §5 end to end: SmolLM2-135M-Instruct learning word problems through vLLM rollouts, math-verify
-# and the chat template (experiment=smollm2_math). Not part of CI: ~40-60 min per run on 2 CPU cores.
+# The SmolLM2 section of docs/RESULTS.md end to end: SmolLM2-135M-Instruct learning word problems through vLLM
+# rollouts, math-verify and the chat template (experiment=smollm2_math). Not part of CI: 32-41 min per run, two
+# runs side by side on 2 cores.
 #   bash scripts/smollm2_math.sh                 # NFT and RFT, seeds 0 and 1, two runs at a time
 #   ALGORITHMS="nft rft grpo" SEEDS="0 1 2" PARALLEL=1 bash scripts/smollm2_math.sh [extra Hydra overrides]
 # Each run lives in outputs/smollm2_math/<algorithm>_s<seed>/ and resumes from its last checkpoint if stopped;
 # a finished run (marked by this script with a FINISHED file) is skipped. The table and PNGs go to
-# docs/results/smollm2_math/ (docs/RESULTS.md §5).
+# docs/results/smollm2_math/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
