@@ -101,15 +101,13 @@ def tiny_warmup_config(**overrides: object):
     return WarmupConfig(**{**fields, **overrides})  # type: ignore[arg-type]
 
 
-def fingerprint(name: str, workdir: Path) -> dict:
-    """Run ``RUNS[name]`` with `nft-lit fit` in ``workdir`` and return its fingerprint."""
-    run_dir = workdir / name
-    cache = workdir / "cache"
-    if name.startswith("demo"):
-        from nft_lit.demo.warmup import warmup
+def pinned_env(cache: Path) -> dict[str, str]:
+    """The environment of every process a fingerprint runs: the warm-up and `nft-lit fit` alike.
 
-        warmup(tiny_warmup_config(), cache / "warmup")
-    env = {
+    The pins must be in place before torch is imported, so they cannot be applied to the pytest process that
+    calls :func:`fingerprint`; everything that computes runs in a child process with them instead.
+    """
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         # MKL's default code path may round differently with the memory alignment of its inputs (any change of
@@ -117,16 +115,29 @@ def fingerprint(name: str, workdir: Path) -> dict:
         # path, strict (alignment-independent), does not, at the AVX2 speed (COMPATIBLE is ~4x slower).
         "MKL_CBWR": "AVX2,STRICT",
         # torch's own vectorised kernels (softmax, norms, activations) dispatch on the CPU's widest SIMD: an
-        # AVX-512 machine rounds differently from an AVX2 one, and the demo's 400 SFT steps of warm-up amplify
-        # that. Every x86 machine this project runs on has AVX2.
+        # AVX-512 machine rounds differently from an AVX2 one, and the demo's SFT steps of warm-up amplify
+        # that. Every x86-64 machine this project runs on has AVX2.
         "ATEN_CPU_CAPABILITY": "avx2",
         "NFT_LIT_CACHE": str(cache),
         "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
-    cmd = [sys.executable, "-m", "nft_lit.cli", "fit", *RUNS[name], f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir, timeout=900)
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: Path, what: str) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=900)
     if proc.returncode != 0:
-        raise RuntimeError(f"fingerprint run {name} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"fingerprint {what} failed:\n{proc.stderr[-4000:]}")
+
+
+def fingerprint(name: str, workdir: Path) -> dict:
+    """Run ``RUNS[name]`` with `nft-lit fit` in ``workdir`` and return its fingerprint."""
+    run_dir = workdir / name
+    cache = workdir / "cache"
+    env = pinned_env(cache)
+    if name.startswith("demo"):
+        _run([sys.executable, __file__, "--warmup", str(cache / "warmup")], env, workdir, "warm-up")
+    cmd = [sys.executable, "-m", "nft_lit.cli", "fit", *RUNS[name], f"hydra.run.dir={run_dir}"]
+    _run(cmd, env, workdir, f"run {name}")
     return {
         **read_metrics(run_dir / "csv" / "metrics.csv"),
         "weights_sha256": weights_sha256(run_dir / "checkpoints" / "last.ckpt"),
@@ -136,8 +147,14 @@ def fingerprint(name: str, workdir: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"record into {RECORDED.name}")
+    parser.add_argument("--warmup", metavar="DIR", help="only build the tiny warm-up base into DIR")
     parser.add_argument("names", nargs="*", default=list(RUNS))
     args = parser.parse_args()
+    if args.warmup:
+        from nft_lit.demo.warmup import warmup
+
+        warmup(tiny_warmup_config(), Path(args.warmup))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         prints = {name: fingerprint(name, Path(tmp)) for name in args.names}
     print(json.dumps(prints, indent=1))
