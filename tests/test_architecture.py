@@ -13,7 +13,7 @@ LAYERS = {
     "leaf": {"losses", "prompts", "distributed", "data", "reward", "synthetic", "word_problems", "models", "rollout"},
     "stage": {"sampler", "iteration", "steps", "evaluation", "analysis"},
     "adapter": {"module", "datamodule", "callbacks"},
-    "front end": {"cli", "runs", "report", "verify", "band", "demo.warmup"},
+    "front end": {"cli", "launch", "runs", "report", "verify", "band", "demo.warmup"},
 }
 RANK = {name: i for i, names in enumerate(LAYERS.values()) for name in names}
 FRAMEWORKS = ("lightning", "hydra", "omegaconf")

@@ -179,3 +179,44 @@ def test_gsm8k_trains_on_train_and_is_evaluated_on_test():
     assert cfg.data.problems.split == "train"
     (bench,) = build_benchmarks(cfg, fallback_to_data=True)
     assert bench.name == "gsm8k" and len(bench.problems) == 1319  # the test split
+
+
+LAUNCH_SHAPES = [(1, 1), (1, 2), (2, 1), (2, 2), (4, 8)]  # (nodes, devices per node)
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_parallel_sizes_follow_the_launch(experiment, trainer):
+    """Every trainer config has `num_nodes`, and a sharded one sizes its data-parallel mesh from the launch:
+    data_parallel_size x tensor_parallel_size = num_nodes x devices, for any shape, without launching."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    for nodes, devices in LAUNCH_SHAPES:
+        cfg = _compose(
+            f"experiment={experiment}", f"trainer={trainer}", f"trainer.num_nodes={nodes}", f"trainer.devices={devices}"
+        )
+        check_config(cfg)
+        strategy = cfg.trainer.strategy
+        if strategy == "auto":  # one process per device, Lightning's choice of strategy
+            assert cfg.trainer.num_nodes == nodes
+            continue
+        built = instantiate(strategy)
+        assert isinstance(built, ModelParallelStrategy)
+        assert built._data_parallel_size * built._tensor_parallel_size == nodes * devices, (nodes, devices)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "env", "message"),
+    [
+        (["trainer.strategy.tensor_parallel_size=3"], {}, "tensor_parallel_size=3 does not divide the world size 2"),
+        (["trainer.num_nodes=2"], {"WORLD_SIZE": "2", "RANK": "0"}, r"launcher started 2 processes .* = 4"),
+        (["trainer.devices=0"], {}, r"trainer\.devices=0: expected at least 1"),
+    ],
+)
+def test_sizes_that_do_not_fit_the_launch_fail_at_start_in_one_line(monkeypatch, overrides, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = _compose("experiment=smoke", "trainer=cpu_fsdp2", *overrides)
+    with pytest.raises(ConfigError, match=message) as raised:
+        check_config(cfg)
+    assert "\n" not in str(raised.value)

@@ -1,0 +1,126 @@
+"""How a launch (nodes, processes per node, the launcher, signals) maps onto one training run.
+
+- ``parallel_strategy``: Lightning's ``ModelParallelStrategy`` with its data-parallel size computed from the
+  launch, ``num_nodes x devices / tensor_parallel_size``, so a trainer config never hand-sets it (Lightning's
+  own ``"auto"`` means "the number of nodes", which leaves one-node multi-GPU runs without a valid mesh);
+- ``check_launch``: the sizes a trainer config asks for against the processes the launcher started, before
+  anything is built;
+- ``process_rank`` and ``per_rank_log_overrides``: which process this is, and a log file per rank, so that
+  every rank of a torchrun/SLURM launch writes into one run folder without interleaving one file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class LaunchError(ValueError):
+    """Parallel sizes that do not fit the launch; the message names the options."""
+
+
+def _as_count(devices: Any, accelerator: str, option: str) -> int:
+    """Number of processes per node that ``trainer.devices`` asks for (an int, a list of ids, or ``auto``)."""
+    if isinstance(devices, list | tuple):
+        return len(devices)
+    if devices == "auto" or devices == -1 or devices == "-1":
+        local = os.environ.get("LOCAL_WORLD_SIZE")  # torchrun says how many it started on this node
+        if local is not None:
+            return int(local)
+        if accelerator in ("gpu", "cuda"):
+            import torch
+
+            return max(torch.cuda.device_count(), 1)
+        return 1
+    try:
+        count = int(devices)
+    except (TypeError, ValueError):
+        raise LaunchError(f"{option}={devices!r}: expected a number of devices, a list of ids, or auto") from None
+    if count < 1:
+        raise LaunchError(f"{option}={devices!r}: expected at least 1")
+    return count
+
+
+def parallel_sizes(num_nodes: int, devices: Any, accelerator: str, tensor_parallel_size: int) -> tuple[int, int]:
+    """(world size, data-parallel size) of ``num_nodes`` x ``devices`` processes with tensor-parallel groups
+    of ``tensor_parallel_size``; a tensor-parallel size that does not divide the world fails, naming both."""
+    if int(num_nodes) < 1:
+        raise LaunchError(f"trainer.num_nodes={num_nodes}: expected at least 1")
+    world = int(num_nodes) * _as_count(devices, accelerator, "trainer.devices")
+    tp = int(tensor_parallel_size)
+    if tp < 1 or world % tp:
+        raise LaunchError(
+            f"trainer.strategy.tensor_parallel_size={tp} does not divide the world size {world}"
+            f" (trainer.num_nodes={num_nodes} x trainer.devices={devices})"
+        )
+    return world, world // tp
+
+
+def parallel_strategy(
+    num_nodes: int, devices: Any, accelerator: str = "cpu", tensor_parallel_size: int = 1, **strategy_options: Any
+) -> Any:
+    """``ModelParallelStrategy`` (FSDP2 over the data-parallel dimension) sized from the launch.
+
+    ``strategy_options`` go to the strategy unchanged (``save_distributed_checkpoint``,
+    ``process_group_backend``, ``timeout``).
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    _, data_parallel = parallel_sizes(num_nodes, devices, accelerator, tensor_parallel_size)
+    return ModelParallelStrategy(
+        data_parallel_size=data_parallel, tensor_parallel_size=int(tensor_parallel_size), **strategy_options
+    )
+
+
+def launched_world_size() -> int | None:
+    """The number of processes an external launcher started (torchrun sets WORLD_SIZE, SLURM SLURM_NTASKS);
+    None when Lightning starts them itself (or in a single process)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or ("WORLD_SIZE" in os.environ and "RANK" in os.environ):
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_NTASKS" in os.environ and "SLURM_JOB_ID" in os.environ and "SLURM_STEP_ID" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    return None
+
+
+def check_launch(trainer: Any) -> None:
+    """Fail at start when the composed ``trainer`` node does not fit the processes this launch has."""
+    strategy = trainer.get("strategy")
+    tp = strategy.get("tensor_parallel_size", 1) if hasattr(strategy, "get") else 1
+    world, _ = parallel_sizes(trainer.get("num_nodes", 1), trainer.get("devices", 1), trainer.accelerator, tp)
+    launched = launched_world_size()
+    if launched is not None and launched != world:
+        raise LaunchError(
+            f"the launcher started {launched} processes but trainer.num_nodes={trainer.get('num_nodes', 1)} x"
+            f" trainer.devices={trainer.get('devices', 1)} = {world}: set them to the launch (torchrun"
+            " --nnodes/--nproc-per-node, srun --nodes/--ntasks-per-node)"
+        )
+
+
+def process_tag() -> str:
+    """Which process of the launch this is, for file names: "" for the first one (global rank 0), else
+    ``rank<N>`` (torchrun and SLURM set the global rank), or ``node<N>.local<M>`` under Lightning's own
+    launcher, which sets only NODE_RANK and LOCAL_RANK."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return "" if os.environ[var] == "0" else f"rank{os.environ[var]}"
+    local, node = os.environ.get("LOCAL_RANK", "0"), os.environ.get("NODE_RANK", "0")
+    return "" if local == node == "0" else f"node{node}.local{local}"
+
+
+def launch_overrides(argv: list[str]) -> list[str]:
+    """Hydra overrides this process adds to ``argv``: a non-first process logs to ``<job>.<tag>.log`` in the
+    same run folder (the first keeps ``<job>.log``), so ranks never interleave one file. Under an external
+    launcher every process composes its own config, so each would resolve ``${now:}`` in the default run
+    folder itself, a second apart on another node: the folder must be given, the same for all."""
+    launched = launched_world_size()
+    if launched is not None and launched > 1:
+        key = "hydra.sweep.dir" if any(a in ("-m", "--multirun") for a in argv) else "hydra.run.dir"
+        if not any(a.startswith(f"{key}=") for a in argv):
+            raise LaunchError(
+                f"{launched} processes were launched (torchrun/srun): pass {key}=DIR, the same on every node,"
+                " so that all ranks write one run folder"
+            )
+    tag = process_tag()
+    if not tag:
+        return []
+    return [f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/${{hydra.job.name}}.{tag}.log"]
