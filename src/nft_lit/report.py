@@ -6,13 +6,20 @@ avg@k (``val/heldout/avg@k``, whatever k the run sampled) before RL (the base po
 iteration, like the paper's Table 1, and the curves show held-out accuracy and entropy per iteration like its
 Figures 6 and 8, with the train reward, the response length, the share of answers cut at the token limit and
 the rollout engine's log-prob gap.
+
+Seed statistics (``seed_statistics``) then say which differences the seeds resolve: per group the mean final
+held-out avg@k with a 95% bootstrap interval over seeds, and per pair of groups the probability of improvement
+P(X > Y) with a 95% stratified bootstrap interval and a verdict (``stats.json``, ``seed_intervals.png``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import re
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,8 +92,14 @@ def load_run(run_dir: Path) -> Run:
     config_file = run_dir / ".hydra" / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"report: {config_file} missing (not an `nft-lit fit` run folder)")
-    config = yaml.safe_load(config_file.read_text())
-    frame = pd.read_csv(run_dir / METRICS_CSV)
+    try:
+        config = yaml.safe_load(config_file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"report: {config_file} is not valid YAML ({str(exc).splitlines()[0]})") from exc
+    try:
+        frame = pd.read_csv(run_dir / METRICS_CSV)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as exc:
+        raise ValueError(f"report: {run_dir / METRICS_CSV} cannot be read ({str(exc).splitlines()[0]})") from exc
     if "epoch" not in frame:
         raise ValueError(f"report: {run_dir / METRICS_CSV} has no 'epoch' column")
     name = str(config.get("algorithm", {}).get("name", run_dir.name))
@@ -101,6 +114,10 @@ def load_run(run_dir: Path) -> Run:
         if column not in frame:
             continue
         rows = frame[frame[column].notna()]
+        if rows.empty:
+            if name == "heldout_accuracy":
+                raise ValueError(f"report: {run_dir / METRICS_CSV} has no value in its '{column}' column")
+            continue
         if name == "heldout_accuracy":
             # Evaluations log after iteration `epoch` (so x = epoch + 1), except the one before training.
             xs = [int(e) + 1 for e in rows["epoch"]]
@@ -275,29 +292,349 @@ def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
     return written
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Seed statistics: which differences between groups do the seeds resolve?
+
+CONFIDENCE = 0.95
+N_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0  # each interval draws from its own generator with this seed: the same runs, the same report
+METHOD = (
+    f"{CONFIDENCE:.0%} percentile bootstrap over seeds (scipy.stats.bootstrap, method='percentile', "
+    f"n_resamples={N_RESAMPLES}, rng=numpy.random.default_rng({BOOTSTRAP_SEED}) per interval); P(X > Y) is "
+    "rliable's probability of improvement (Mann-Whitney U / (n_X n_Y): the share of seed pairs where X beats Y, "
+    "ties 1/2), its interval a stratified bootstrap (the seeds of X and of Y resampled independently)"
+)
+
+
+def probability_of_improvement(x, y, axis: int = -1):
+    """P(X > Y) over all pairs of a seed of X and a seed of Y, ties counting 1/2 (rliable's probability of
+    improvement on one task, the Mann-Whitney U statistic over n_X n_Y). Vectorised over the other axes."""
+    import numpy as np
+
+    x = np.moveaxis(np.asarray(x, dtype=float), axis, -1)
+    y = np.moveaxis(np.asarray(y, dtype=float), axis, -1)
+    diff = x[..., :, None] - y[..., None, :]
+    return ((diff > 0) + 0.5 * (diff == 0)).mean(axis=(-2, -1))
+
+
+def bootstrap_interval(samples: list[list[float]], statistic) -> tuple[float, float]:
+    """The ``CONFIDENCE`` percentile-bootstrap interval of ``statistic(*samples)``; each sample (the seeds of
+    one group, >= 2) is resampled on its own, so a pair's bootstrap is stratified by group. Deterministic."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    result = bootstrap(
+        tuple(np.asarray(sample, dtype=float) for sample in samples),
+        statistic,
+        n_resamples=N_RESAMPLES,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        paired=False,
+        vectorized=True,
+        axis=-1,
+        rng=np.random.default_rng(BOOTSTRAP_SEED),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def mean_interval_informative(n: int) -> bool:
+    """Whether a percentile interval of the mean of n seeds says more than their range. A resample that repeats
+    one seed n times has probability (1/n)^n; while that is >= (1 - CONFIDENCE)/2 (n <= 3 at 95%), the lowest
+    and highest seeds are the interval's ends."""
+    return n >= 2 and (1 / n) ** n < (1 - CONFIDENCE) / 2
+
+
+def separation_p_value(n: int, m: int) -> float:
+    """The smallest two-sided p-value an exact Mann-Whitney (permutation) test can give with n and m seeds,
+    reached when every seed of one group beats every seed of the other: 2 / C(n + m, n)."""
+    return min(1.0, 2 / math.comb(n + m, n)) if n and m else 1.0
+
+
+def pair_resolvable(n: int, m: int) -> bool:
+    """Whether n vs m seeds can resolve a pair at all: below this even complete separation is compatible with
+    chance (exact test), although a bootstrap interval of P(X > Y) would then be [1, 1] and exclude 0.5."""
+    return separation_p_value(n, m) < 1 - CONFIDENCE
+
+
+# the fewest seeds per group (equal counts) meeting both rules: 4 at 95% (2/C(8,4) = 0.029; (1/4)^4 = 0.004)
+MIN_SEEDS = next(n for n in range(2, 100) if mean_interval_informative(n) and pair_resolvable(n, n))
+RULES = (
+    f"at least {MIN_SEEDS} seeds per group: with n seeds a percentile interval of the mean is just the seeds' "
+    f"range while (1/n)^n >= {(1 - CONFIDENCE) / 2:.3g} (n <= 3), and P(X > Y) of n vs m seeds can only resolve "
+    f"if an exact test of complete separation, p = 2/C(n+m, n), is below {1 - CONFIDENCE:.2g} (4 vs 4: "
+    f"{separation_p_value(4, 4):.3f}; 3 vs 3: {separation_p_value(3, 3):.2f}). Seeds to resolve an unresolved pair "
+    "are a projection: the observed P(X > Y) kept, the interval shrinking as 1/sqrt(seeds)"
+)
+
+
+@dataclass
+class GroupStats:
+    """One group's final held-out avg@k per seed (fractions), its mean and interval (None below 2 seeds)."""
+
+    label: str
+    seeds: list[int]
+    values: list[float]
+    mean: float
+    low: float | None = None
+    high: float | None = None
+    note: str = ""
+
+
+@dataclass
+class PairStats:
+    """P(X > Y) of two groups, its interval (None below 2 seeds in either) and the verdict."""
+
+    x: str
+    y: str
+    n_x: int
+    n_y: int
+    prob: float
+    low: float | None
+    high: float | None
+    resolved: bool
+    verdict: str
+    seeds_to_resolve: int | None  # projected seeds per group; None when resolved or no difference was seen
+    note: str = ""
+
+
+def projected_seeds(prob: float, low: float, high: float, n: int, m: int) -> int | None:
+    """Seeds per group at which the observed P(X > Y) would resolve if it stayed the same and the interval's
+    half-width toward 0.5, h, shrank as 1/sqrt(seeds): max(n, m)·(h / |P − 0.5|)², at least ``MIN_SEEDS`` and
+    more than now. None when P = 0.5 (no difference to resolve)."""
+    gap = abs(prob - 0.5)
+    if gap < 1e-12:
+        return None
+    half = prob - low if prob > 0.5 else high - prob
+    return max(math.ceil(max(n, m) * (half / gap) ** 2 - 1e-9), MIN_SEEDS, max(n, m) + 1)
+
+
+def _group_stats(label: str, runs: list[Run]) -> GroupStats | None:
+    trained = [r for r in runs if r.curves[HELDOUT_CURVE][-1][0] > 0]  # as in 'after' of the results table
+    if not trained:
+        return None
+    values = [r.last(HELDOUT_CURVE) for r in trained]
+    group = GroupStats(label, [r.seed for r in trained], values, statistics.fmean(values))
+    n = len(values)
+    if n < 2:
+        group.note = f"1 seed: no interval (need >= {MIN_SEEDS} seeds)"
+        return group
+    import numpy as np
+
+    group.low, group.high = bootstrap_interval([values], np.mean)
+    if len(set(values)) == 1:
+        group.note = f"all {n} seeds equal: the interval has width 0, the spread is unknown"
+    elif not mean_interval_informative(n):
+        group.note = f"{n} seeds: the interval is just the seeds' range (need >= {MIN_SEEDS} seeds)"
+    return group
+
+
+def _pair_stats(a: GroupStats, b: GroupStats) -> PairStats:
+    n, m = len(a.values), len(b.values)
+    prob = float(probability_of_improvement(a.values, b.values))
+    if min(n, m) < 2:
+        note = f"{n} vs {m} seeds: no interval (need >= {MIN_SEEDS} seeds per group)"
+        return PairStats(a.label, b.label, n, m, prob, None, None, False, "not resolved (too few seeds)", None, note)
+    low, high = bootstrap_interval([a.values, b.values], probability_of_improvement)
+    excludes_half = low > 0.5 or high < 0.5
+    resolvable = pair_resolvable(n, m)
+    resolved = excludes_half and resolvable
+    note = ""
+    if not resolvable:
+        note = (
+            f"{n} vs {m} seeds: even if every seed of one beat every seed of the other, an exact test gives "
+            f"p = {separation_p_value(n, m):.3g} (need >= {MIN_SEEDS} seeds per group)"
+        )
+    if resolved:
+        verdict = f"resolved at {CONFIDENCE:.0%} ({a.label if low > 0.5 else b.label} better)"
+    else:
+        verdict = "not resolved (too few seeds)" if excludes_half else "not resolved"
+    seeds = None if resolved else projected_seeds(prob, low, high, n, m)
+    return PairStats(a.label, b.label, n, m, prob, low, high, resolved, verdict, seeds, note)
+
+
+@dataclass
+class SeedStatistics:
+    metric: str
+    groups: list[GroupStats]
+    pairs: list[PairStats]
+    skipped: list[str]  # groups with no held-out evaluation after training
+
+
+def seed_statistics(groups: dict[str, list[Run]]) -> SeedStatistics:
+    """Per group the mean final held-out avg@k over seeds with its interval; per pair of groups (in table
+    order) P(X > Y) with its interval and verdict. Method: ``METHOD``; when seeds are too few: ``RULES``."""
+    ks = sorted({r.heldout_k for runs in groups.values() for r in runs})
+    metric = f"held-out avg@{ks[0] if len(ks) == 1 else 'k'} after the last iteration"
+    stats, skipped = [], []
+    for label, runs in groups.items():
+        group = _group_stats(label, runs)
+        if group is None:
+            skipped.append(label)
+        else:
+            stats.append(group)
+    pairs = [_pair_stats(a, b) for i, a in enumerate(stats) for b in stats[i + 1 :]]
+    return SeedStatistics(metric, stats, pairs, skipped)
+
+
+def _interval(low: float | None, high: float | None, scale: float, digits: int) -> str:
+    return "–" if low is None or high is None else f"[{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
+
+
+def stats_table(stats: SeedStatistics) -> str:
+    """Markdown: the group table (mean and interval, %), the pair table (P(X > Y), interval, verdict, seeds per
+    group to resolve), then notes, the method and the seed rule."""
+    lines = [
+        f"Seed statistics: {stats.metric} (one value per seed).",
+        "",
+        f"| run | seeds | mean (%) | {CONFIDENCE:.0%} CI (%) | note |",
+        "|---|---|---|---|---|",
+    ]
+    for g in stats.groups:
+        lines.append(
+            f"| {g.label} | {len(g.values)} | {100 * g.mean:.1f} | {_interval(g.low, g.high, 100, 1)} | {g.note} |"
+        )
+    if stats.pairs:
+        lines += [
+            "",
+            f"| X vs Y | seeds | P(X > Y) | {CONFIDENCE:.0%} CI | verdict | seeds per group to resolve |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in stats.pairs:
+            if p.resolved:
+                need = "–"
+            elif p.seeds_to_resolve is None:
+                need = "– (no difference seen)"
+            else:
+                need = f"≈ {p.seeds_to_resolve} (projected)"
+            lines.append(
+                f"| {p.x} vs {p.y} | {p.n_x} vs {p.n_y} | {p.prob:.2f} | {_interval(p.low, p.high, 1, 2)} | "
+                f"{p.verdict} | {need} |"
+            )
+    elif len(stats.groups) == 1:
+        lines += ["", "One group: no pair to compare."]
+    notes = [f"{p.x} vs {p.y}: {p.note}" for p in stats.pairs if p.note]
+    notes += [f"{label}: no held-out evaluation after training, left out" for label in stats.skipped]
+    lines += [""] + [f"Note: {n}" for n in notes] + [f"Method: {METHOD}.", f"Seeds needed: {RULES}."]
+    return "\n".join(lines).replace("\n\n\n", "\n\n")
+
+
+def stats_json(stats: SeedStatistics) -> dict:
+    """What ``stats.json`` holds: values as fractions, intervals as [low, high] or null."""
+
+    def ci(low: float | None, high: float | None) -> list[float] | None:
+        return None if low is None or high is None else [low, high]
+
+    return {
+        "metric": stats.metric,
+        "confidence": CONFIDENCE,
+        "method": {
+            "name": "percentile bootstrap",
+            "function": "scipy.stats.bootstrap",
+            "n_resamples": N_RESAMPLES,
+            "rng_seed": BOOTSTRAP_SEED,
+            "pairs": "stratified: the seeds of each group resampled independently",
+            "text": METHOD,
+        },
+        "min_seeds_per_group": MIN_SEEDS,
+        "rules": RULES,
+        "groups": [
+            {
+                "label": g.label,
+                "seeds": g.seeds,
+                "values": g.values,
+                "mean": g.mean,
+                "ci": ci(g.low, g.high),
+                "note": g.note,
+            }
+            for g in stats.groups
+        ],
+        "pairs": [
+            {
+                "x": p.x,
+                "y": p.y,
+                "n_x": p.n_x,
+                "n_y": p.n_y,
+                "p_x_better": p.prob,
+                "ci": ci(p.low, p.high),
+                "resolved": p.resolved,
+                "verdict": p.verdict,
+                "seeds_per_group_to_resolve": p.seeds_to_resolve,
+                "note": p.note,
+            }
+            for p in stats.pairs
+        ],
+        "skipped": stats.skipped,
+    }
+
+
+def plot_intervals(stats: SeedStatistics, out_dir: Path) -> Path | None:
+    """``seed_intervals.png``: one horizontal bar per group (mean and interval) over its seeds' values; None
+    (no file) when no group has the 2 seeds an interval needs."""
+    if not any(g.low is not None for g in stats.groups):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.5 * len(stats.groups)))
+    for i, g in enumerate(stats.groups):
+        ax.scatter([100 * v for v in g.values], [i] * len(g.values), color="grey", s=12, alpha=0.6, zorder=2)
+        if g.low is None or g.high is None:
+            ax.plot([100 * g.mean], [i], "o", mfc="none", color="C0", zorder=3)
+            continue
+        err = [[100 * (g.mean - g.low)], [100 * (g.high - g.mean)]]
+        ax.errorbar([100 * g.mean], [i], xerr=err, fmt="o", color="C0", capsize=4, zorder=3)
+    ax.set_yticks(range(len(stats.groups)), [f"{g.label} (n={len(g.values)})" for g in stats.groups], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{stats.metric} (%)")
+    ax.set_title(f"mean and {CONFIDENCE:.0%} percentile-bootstrap interval over seeds (grey: the seeds)", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "seed_intervals.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def report(paths: list[Path], out_dir: Path) -> tuple[str, list[Path]]:
-    """Write ``report.md`` and the PNGs into ``out_dir``; returns the table and the PNG paths."""
+    """Write ``report.md``, the PNGs and ``stats.json`` (seed statistics) into ``out_dir``; returns the tables
+    and the PNG paths (``seed_intervals.png`` last, when some group has >= 2 seeds)."""
     runs = [load_run(p) for p in find_runs(paths)]
     groups = group_runs(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = results_table(groups)
+    seed_stats = seed_statistics(groups)
+    if seed_stats.groups:
+        table += "\n\n" + stats_table(seed_stats)
+        (out_dir / "stats.json").write_text(json.dumps(stats_json(seed_stats), indent=2) + "\n")
     times = time_table(groups)
     if times:
         table += "\n\nTime per iteration (median over iterations, mean over seeds):\n\n" + times
     table += "\n\nPer run:\n\n" + per_run_table(runs)
     pngs = plot_curves(groups, out_dir)
+    intervals = plot_intervals(seed_stats, out_dir)
+    if intervals is not None:
+        pngs.append(intervals)
     sources = "\n".join(f"- {r.label} seed {r.seed}: `{r.path}`" for r in runs)
     (out_dir / "report.md").write_text(f"{table}\n\nRuns:\n{sources}\n")
     return table, pngs
 
 
 def report_command(argv: list[str]) -> int:
-    """`nft-lit report RUN_OR_SWEEP_DIR... [--out DIR]`: print the table, write report.md and PNGs."""
+    """`nft-lit report RUN_OR_SWEEP_DIR... [--out DIR]`: print the tables, write report.md, stats.json and PNGs.
+
+    A missing path, a folder without runs or a run without a required column exits 2 with one line naming it.
+    """
     parser = argparse.ArgumentParser(prog="nft-lit report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", type=Path, nargs="+", help="run folders or sweep folders")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first path)")
     args = parser.parse_args(argv)
-    table, pngs = report(args.paths, args.out or args.paths[0])
+    try:
+        table, pngs = report(args.paths, args.out or args.paths[0])
+    except (FileNotFoundError, ValueError) as exc:  # the messages start "report: " and name the path
+        print(f"nft-lit {exc}", file=sys.stderr)
+        return 2
     print(table)
     for png in pngs:
         print(png)
