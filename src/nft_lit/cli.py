@@ -92,6 +92,18 @@ def check_config(cfg: Any) -> None:
         raise ConfigError("model: no model selected; pass model=<name> (configs/model) or an experiment")
     if cfg.get("rollout") is None:
         raise ConfigError("rollout: no rollout engine selected; pass rollout=<name> (configs/rollout)")
+    from nft_lit.launch import LaunchError, check_launch
+    from nft_lit.rollout import check_tensor_parallel_size
+
+    try:
+        check_tensor_parallel_size(cfg.rollout.get("tensor_parallel_size", 1))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+    try:
+        check_launch(cfg.trainer)
+    except LaunchError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _instantiate(node: Any, **kwargs: Any) -> Any:
@@ -156,17 +168,31 @@ def _run_hydra(argv: list[str], task: Any, command: str) -> int:
         print(_HELP.format(command=command, extra=_HELP_EXTRA[command]))
         return 0
 
+    from nft_lit.launch import PREEMPTED_EXIT, LaunchError, Preempted, launch_overrides
     from nft_lit.models import ModelFolderError
     from nft_lit.prompts import PromptEncodingError
     from nft_lit.runs import RunError
 
+    bad_input = (ConfigError, LaunchError, RunError, ModelFolderError, PromptEncodingError)
+    try:
+        argv = [*argv, *launch_overrides(argv)]
+    except LaunchError as e:
+        if _is_rank_zero():  # every rank fails the same way: one line, not one per rank
+            print(f"nft-lit {command}: {e}", file=sys.stderr)
+        return 2
+
     def task_reporting_bad_input(cfg: Any) -> Any:
         try:
             return task(cfg)
-        except (ConfigError, RunError, ModelFolderError, PromptEncodingError) as e:  # bad input, named: no traceback
+        except Preempted as e:
+            if _is_rank_zero():
+                print(f"nft-lit {command}: {e}", file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT)
+        except bad_input as e:  # bad input, named: no traceback
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            print(f"nft-lit {command}: {e}", file=sys.stderr)
+            if _is_rank_zero():  # every rank fails the same way: one line, not one per rank
+                print(f"nft-lit {command}: {e}", file=sys.stderr)
             sys.exit(2)
 
     parser = get_args_parser()
@@ -249,15 +275,15 @@ def build_trainer(cfg: Any, evaluation: Any | None = None, keep_csv_up_to_step: 
 
 
 def _resume_point(cfg: Any, run_config: dict[str, Any]) -> tuple[str | None, int]:
-    """(checkpoint to resume from or None, its global step or -1); refuses a checkpoint of another experiment."""
-    import torch
+    """(checkpoint to resume from or None, its global step or -1); refuses a checkpoint of another experiment.
 
-    from nft_lit.runs import config_changes, resolve_checkpoint
+    The checkpoint may be a file or a sharded folder (its step and config are read without its tensors)."""
+    from nft_lit.runs import config_changes, read_checkpoint, resolve_checkpoint
 
     if cfg.get("ckpt_path") is None:
         return None, -1
     path = resolve_checkpoint(str(cfg.ckpt_path), cfg.run_dir)
-    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    saved = read_checkpoint(path)
     changes = config_changes(saved.get("nft_lit_config") or {}, run_config)
     if changes and not cfg.get("resume_force", False):
         raise ConfigError(
@@ -278,8 +304,10 @@ def _resume_point(cfg: Any, run_config: dict[str, Any]) -> tuple[str | None, int
 
 
 def _is_rank_zero() -> bool:
-    """Rank 0 of a multi-process launch (Lightning's launcher, torchrun and SLURM set these)."""
-    return all(os.environ.get(var, "0") == "0" for var in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    """Rank 0 of a multi-process launch (Lightning's launcher, torchrun and SLURM), or a single process."""
+    from nft_lit.launch import process_tag
+
+    return process_tag() == ""
 
 
 def _no_advertising(record: logging.LogRecord) -> bool:
@@ -433,8 +461,10 @@ def run_fit(cfg: Any) -> dict[str, float]:
     import contextlib
 
     import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from omegaconf import OmegaConf
 
+    from nft_lit.launch import Preempted
     from nft_lit.runs import RunLock
 
     _quiet_lightning()
@@ -450,11 +480,32 @@ def run_fit(cfg: Any) -> dict[str, float]:
         trainer = build_trainer(cfg, evaluation, keep_csv_up_to_step=resume_step)
         for logger in trainer.loggers:  # the resolved config, searchable in TensorBoard's HPARAMS tab
             logger.log_hyperparams(module.run_config)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        except SIGTERMException:
+            # Lightning stops after the step in progress, before the iteration's end: last.ckpt is untouched and
+            # still holds the newest complete iteration, from which a resume is exact.
+            raise Preempted(_preempted_message(cfg)) from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         _print_summary(cfg, trainer, metrics)
     return metrics
+
+
+def _preempted_message(cfg: Any) -> str:
+    """What a SIGTERM left: the newest complete iteration on disk and the command that continues from it."""
+    from nft_lit.launch import resume_command
+    from nft_lit.runs import RunError, read_checkpoint, resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint("last", cfg.run_dir)
+    except RunError:
+        return f"stopped by SIGTERM before any iteration completed (nothing to resume in {cfg.run_dir}); rerun it"
+    done = int(read_checkpoint(path).get("epoch", -1)) + 1
+    return (
+        f"stopped by SIGTERM; {path} holds iteration {done} of {cfg.iterations} (complete). Resume with: "
+        + resume_command(_command_line_overrides(), str(cfg.run_dir))
+    )
 
 
 def _print_summary(cfg: Any, trainer: Any, metrics: dict[str, float]) -> None:
@@ -473,15 +524,16 @@ def fit_command(argv: list[str]) -> int:
 
 # ---------------------------------------------------------------------------------------------- validate/export
 def load_policy(ckpt_path: str) -> tuple[Any, Any]:
-    """(PolicyModule with the checkpoint's weights, the run config stored in the checkpoint)."""
-    import torch
+    """(PolicyModule with the checkpoint's weights, the run config stored in the checkpoint).
+
+    A sharded checkpoint folder is consolidated into full weights in this process (``runs.read_checkpoint``)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from nft_lit.runs import resolve_checkpoint
+    from nft_lit.runs import read_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(ckpt_path, ".")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, weights=True)
     if "nft_lit_config" not in ckpt:
         raise ConfigError(f"ckpt_path={ckpt_path} was not written by `nft-lit fit` (no nft_lit_config inside)")
     run_cfg = OmegaConf.create(ckpt["nft_lit_config"])
@@ -609,13 +661,14 @@ def validate_command(argv: list[str]) -> int:
 
 
 def run_export(cfg: Any) -> Path:
-    """Write the checkpoint's policy as an HF folder (weights, config, tokenizer) at ``out``."""
+    """Write the checkpoint's policy as an HF folder (weights, config, tokenizer) at ``out``; a sharded
+    checkpoint folder is consolidated on the way (``load_policy``)."""
     from hydra.utils import instantiate
 
     from nft_lit.models import save_hf_folder
 
     if cfg.get("ckpt_path") is None or cfg.get("out") is None:
-        raise ConfigError("export needs ckpt_path=<checkpoint file> and out=<folder>")
+        raise ConfigError("export needs ckpt_path=<checkpoint file or sharded folder> and out=<folder>")
     _save_run_config(cfg)
     module, run_cfg = load_policy(str(cfg.ckpt_path))
     path = save_hf_folder(module.model, instantiate(run_cfg.tokenizer), str(cfg.out))

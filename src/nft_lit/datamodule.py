@@ -21,7 +21,7 @@ from nft_lit.data import Problem, ProblemSet
 from nft_lit.distributed import all_gather_objects, rank_and_world
 from nft_lit.evaluation import Benchmark, Evaluation
 from nft_lit.iteration import PromptStream, RewardShaping, RolloutSettings, collect_groups
-from nft_lit.rollout import SamplingParams
+from nft_lit.rollout import SamplingParams, check_max_gap
 from nft_lit.sampler import Sampler
 from nft_lit.steps import (
     LogprobGap,
@@ -60,7 +60,8 @@ class RolloutDataModule(pl.LightningDataModule):
             max_prompt_tokens, seed: see ``iteration.RolloutSettings``.
         overlong_buffer / overlong_penalty_factor: DAPO overlong reward shaping (off when buffer is None).
         num_mini_batches, micro_batch_size, whole_groups, max_tokens_per_micro_batch: see ``steps.StepLayout``.
-        max_logprob_gap: fail when the mean |engine - trainer| log-prob gap exceeds this (None only logs it).
+        max_logprob_gap: fail when the mean |engine - trainer| log-prob gap exceeds this; "auto": a limit set
+            by the engine's and policy's dtypes (``rollout.default_max_gap``); None only logs it.
         old_logprobs_from_forward: take the first optimizer step's logπ_old from its training forward
             (detached) instead of an extra pass: exact, since no update has happened since the rollout. Used
             only when the model has no dropout (a training forward then equals an eval one).
@@ -86,7 +87,7 @@ class RolloutDataModule(pl.LightningDataModule):
         max_prompt_tokens: int | None = None,
         whole_groups: bool = False,
         max_tokens_per_micro_batch: int | None = None,
-        max_logprob_gap: float | None = None,
+        max_logprob_gap: float | str | None = None,
         old_logprobs_from_forward: bool = True,
         seed: int = 0,
         val_benchmarks: Sequence[Benchmark] | None = None,
@@ -110,6 +111,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.settings.check(sampling, world=1)
         self.layout = StepLayout(num_mini_batches, micro_batch_size, whole_groups, max_tokens_per_micro_batch)
         self.layout.check(prompts_per_step, num_answers)
+        check_max_gap(max_logprob_gap, "datamodule.max_logprob_gap")
         self.max_logprob_gap = max_logprob_gap
         self.old_logprobs_from_forward = old_logprobs_from_forward
         self.stream = PromptStream(len(self.problems), seed)

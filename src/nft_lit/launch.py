@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from typing import Any
 
 
@@ -124,3 +125,18 @@ def launch_overrides(argv: list[str]) -> list[str]:
     if not tag:
         return []
     return [f"hydra.job_logging.handlers.file.filename=${{hydra.runtime.output_dir}}/${{hydra.job.name}}.{tag}.log"]
+
+
+PREEMPTED_EXIT = 143
+"""Exit status of a run stopped by SIGTERM: 128 + 15, what a shell reports for a process the signal ended, so a
+scheduler or a ``set -e`` script never mistakes a preempted run for a finished one."""
+
+
+class Preempted(Exception):
+    """SIGTERM (a scheduler's preemption, ``timeout``, ``kill``) stopped the run; the message says how to resume."""
+
+
+def resume_command(overrides: list[str], run_dir: str) -> str:
+    """The command line that continues a run: its own overrides, ``ckpt_path=last`` and its folder."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(("ckpt_path=", "hydra.run.dir="))]
+    return shlex.join(["nft-lit", "fit", *kept, "ckpt_path=last", f"hydra.run.dir={run_dir}"])

@@ -454,6 +454,33 @@ def _without_vllm_dtype_cast_warnings() -> Iterator[None]:
         logger.removeFilter(drop)
 
 
+def check_tensor_parallel_size(size: int) -> None:
+    """Refuse a tensor-parallel engine (ValueError naming ``rollout.tensor_parallel_size``).
+
+    Inside the trainer's processes a TP group's ranks would share one engine, which vLLM's external launcher
+    allows only when every rank of the group submits identical requests; each rank here generates its own
+    prompts, so the engine would sample other answers than the ones a rank trains on (measured under torchrun
+    with TP 2: log-prob gap 7e-8, 6.4e-4, then 0.15). In one process vLLM's TP workers cannot take the streamed
+    weights at a sync. One engine per rank (TP 1) is exact; docs/SCALING.md says how large models fit.
+    """
+    if int(size) != 1:
+        raise ValueError(
+            f"rollout.tensor_parallel_size={size}: tensor-parallel vLLM is refused: the ranks of a TP group would"
+            " submit different prompts to one engine and train on answers it did not sample; use"
+            " rollout.tensor_parallel_size=1 (one engine per rank; docs/SCALING.md)"
+        )
+
+
+def _export_rank_for_vllm() -> None:
+    """vLLM's ``external_launcher`` reads RANK/LOCAL_RANK/WORLD_SIZE, which torchrun sets but Lightning's own
+    launcher does not (it sets LOCAL_RANK and NODE_RANK): fill them from the initialised process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
+    os.environ.setdefault("LOCAL_RANK", str(torch.distributed.get_rank()))
+
+
 class VLLMEngine:
     """A colocated `vllm.LLM` (same process as training) that samples from synced trained weights.
 
@@ -482,8 +509,9 @@ class VLLMEngine:
     CPU default of `gpu_memory_utilization` of the machine's RAM, allocated and warmed up at start.
 
     Colocation needs the engine core in this process, so `VLLM_ENABLE_V1_MULTIPROCESSING` is set to 0.
-    One engine per rank: pass `distributed_executor_backend="external_launcher"` with
-    `tensor_parallel_size` = ranks sharing one engine; on a single process leave it None.
+    In a multi-process run each rank has its own engine, which joins the trainer's process group (vLLM reuses
+    the initialised torch.distributed); `distributed_executor_backend="external_launcher"` also works, under
+    torchrun or Lightning's launcher. Tensor parallelism is refused (`check_tensor_parallel_size`).
     """
 
     def __init__(
@@ -524,6 +552,7 @@ class VLLMEngine:
             raise ValueError(f"VLLMEngine: gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if sleep_level not in (1, 2):
             raise ValueError(f"VLLMEngine: sleep_level must be 1 or 2, got {sleep_level!r}")
+        check_tensor_parallel_size(tensor_parallel_size)
         if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
             raise VLLMError(
                 "VLLMEngine is colocated and needs VLLM_ENABLE_V1_MULTIPROCESSING=0 (weights are passed in "
@@ -570,6 +599,8 @@ class VLLMEngine:
     def _start(self, dtype: str) -> None:
         log.info("VLLMEngine: starting vLLM in %s (rollout.dtype=%s)", dtype, self.requested_dtype)
         kwargs = dict(self._llm_kwargs)
+        if kwargs.get("distributed_executor_backend") == "external_launcher":
+            _export_rank_for_vllm()
         if self._on_cpu and kwargs.get("kv_cache_memory_bytes") is None:
             share = kwargs["gpu_memory_utilization"]
             size = cpu_kv_cache_bytes(self.model_path, kwargs["max_model_len"], kwargs["max_num_seqs"], dtype, share)
@@ -701,18 +732,50 @@ def logprob_gap(engine_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, m
     return (engine - trainer_logprobs.detach().double()[keep]).abs().mean().item()
 
 
+AUTO_MAX_GAP = "auto"
+"""``max_gap`` value that picks the limit from the dtypes in play (``default_max_gap``)."""
+
+# Mean |engine - trainer| log-prob gap per token that a healthy engine stays under, by the coarser dtype of the
+# two. Measured (docs/SCALING.md, "The log-prob gap guard"): float32 1e-8 to 6e-6 (tiny models, SmolLM2-135M on
+# vLLM CPU, FSDP2 over 2 ranks); bfloat16 4e-3 (vLLM CPU vs torch CPU, tiny model). A sync that missed an update
+# or a tensor-parallel engine fed different requests per rank reached 6e-4 and then 0.15.
+_MAX_GAP_BY_DTYPE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+def default_max_gap(dtypes: tuple[torch.dtype | str | None, torch.dtype | str | None] | None) -> float:
+    """The ``auto`` limit: 1e-3 when engine and policy both run float32 (>= 150x the largest gap measured
+    there), 5e-2 when either runs in 16 bits (~12x the bfloat16 gap measured on CPU)."""
+    known = [_torch_dtype(d) for d in (dtypes or ()) if d is not None]
+    return max((_MAX_GAP_BY_DTYPE.get(d, 5e-2) for d in known), default=_MAX_GAP_BY_DTYPE[torch.float32])
+
+
+def _torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else _VLLM_DTYPES.get(str(dtype), torch.float32)
+
+
+def check_max_gap(max_gap: float | str | None, option: str) -> None:
+    """A valid ``max_gap``: None (only log the gap), ``"auto"`` or a number >= 0; else ValueError naming ``option``."""
+    if max_gap is None or max_gap == AUTO_MAX_GAP:
+        return
+    if isinstance(max_gap, bool) or not isinstance(max_gap, int | float) or not max_gap >= 0:
+        raise ValueError(f"{option}={max_gap!r}: expected null (only log the gap), auto, or a number >= 0")
+
+
 def check_logprob_gap(
     gap: float,
-    max_gap: float | None,
+    max_gap: float | str | None,
     *,
     dtypes: tuple[torch.dtype | str | None, torch.dtype | str | None] | None = None,
 ) -> None:
-    """Fail fast on a broken sync: raise `LogprobGapError` when `gap` exceeds `max_gap` (None = off).
+    """Fail fast on a broken sync: raise `LogprobGapError` when `gap` exceeds `max_gap` (None = off; "auto" =
+    `default_max_gap` of `dtypes`).
 
     `dtypes` is (engine dtype, policy dtype); when they differ the error names them as the likely cause.
     """
     if max_gap is None:
         return
+    if max_gap == AUTO_MAX_GAP:
+        max_gap = default_max_gap(dtypes)
     if not gap <= max_gap:  # also catches NaN
         head = f"mean |engine - trainer| log-prob gap {gap:.3g} exceeds max_gap={max_gap:.3g}: "
         if dtypes is not None and None not in dtypes and _dtype_name(dtypes[0]) != _dtype_name(dtypes[1]):
@@ -723,5 +786,7 @@ def check_logprob_gap(
                 "the policy's dtype, or raise max_gap (datamodule.max_logprob_gap) to accept the difference"
             )
         raise LogprobGapError(
-            f"{head}the rollout engine is not sampling from the trained weights (missed or partial weight sync?)"
+            f"{head}the rollout engine is not sampling from the trained weights (missed or partial weight sync?"
+            " an engine in another precision than rollout.dtype says?); datamodule.max_logprob_gap=null only logs"
+            " the gap"
         )

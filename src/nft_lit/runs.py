@@ -4,8 +4,13 @@
 - one run at a time (``RunLock``): a second `fit` pointed at a folder in use is refused, naming the pid;
 - ``checkpoints/last.ckpt`` is always the newest complete iteration (``LastCheckpoint``, written atomically at the
   end of every iteration; numbered ``epoch=E-step=S.ckpt`` files every ``checkpoint.every_n_iterations``);
-- ``ckpt_path=last`` resumes from the newest complete checkpoint of the folder, and any ``ckpt_path`` is checked
-  to be a readable checkpoint before anything is built (``resolve_checkpoint``);
+- a checkpoint is a file, or, with ``strategy.save_distributed_checkpoint=true`` (``trainer=gpu_fsdp``), a
+  sharded folder of the same name (``torch.distributed.checkpoint`` shards + ``.metadata``, and Lightning's
+  ``meta.pt`` with everything but the weights and optimizer states); ``checkpoint_step`` tells a complete one of
+  either kind from a cut-short one, ``read_checkpoint`` reads either (a folder's weights consolidated in one
+  process, so ``nft-lit validate`` / ``export`` take it as they take a file);
+- ``ckpt_path=last`` resumes from the newest complete checkpoint of the folder, file or sharded folder, and any
+  ``ckpt_path`` is checked to be a complete checkpoint before anything is built (``resolve_checkpoint``);
 - a resume refuses a changed algorithm, model, data, prompt, reward, sampling or seed (``config_changes``);
 - ``csv/metrics.csv`` keeps the rows logged before the resumed checkpoint (``ContinuingCSVLogger``).
 """
@@ -14,9 +19,12 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -25,6 +33,11 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 # Config groups whose change makes a resumed run a different experiment.
 RESUME_MUST_MATCH = ("algorithm", "model", "data", "prompt", "reward", "sampling", "seed")
+
+# A sharded checkpoint folder: Lightning's ``meta.pt`` (lightning.fabric.utilities.load._METADATA_FILENAME, the
+# checkpoint dict less ``state_dict`` and ``optimizer_states``) and DCP's ``.metadata`` (shard index).
+SHARDED_META = "meta.pt"
+DCP_METADATA = ".metadata"
 
 
 class RunError(ValueError):
@@ -72,8 +85,10 @@ class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt``: the state at the end of every iteration, overwritten in place (no ``-v1`` copies).
 
     Lightning's own ``save_last`` follows the numbered checkpoints' schedule, so with ``every_n_epochs=2`` it
-    lags behind the final iteration; this one does not. Saves are atomic (Lightning writes to a temporary
-    file and renames), so a kill during a save leaves the previous ``last.ckpt`` whole.
+    lags behind the final iteration; this one does not. Saves are atomic, so a kill during a save leaves the
+    previous ``last.ckpt`` whole: Lightning writes a file to a temporary name and renames it; a sharded folder
+    (which Lightning rewrites in place: old ``.metadata`` beside half-new shards) is written whole to
+    ``last.partial.ckpt`` and then swapped in by renames (``_swap_in``).
     """
 
     def __init__(self, dirpath: str) -> None:
@@ -96,21 +111,118 @@ class LastCheckpoint(ModelCheckpoint):
         self._last_global_step_saved = -1
         super().on_train_epoch_end(trainer, pl_module)
 
+    def _save_checkpoint(self, trainer: Any, filepath: str) -> None:
+        if not saves_folders(trainer.strategy):
+            super()._save_checkpoint(trainer, filepath)
+            return
+        final = Path(filepath)
+        staging = final.with_name(f"{final.stem}.partial{final.suffix}")
+        if trainer.is_global_zero:
+            _remove(staging)  # a save cut short by a kill
+        trainer.strategy.barrier("LastCheckpoint.clear")
+        trainer.save_checkpoint(staging, self.save_weights_only)  # every rank's shards are written on return
+        if trainer.is_global_zero:
+            _swap_in(staging, final)
+        trainer.strategy.barrier("LastCheckpoint.swap")
+        # what ModelCheckpoint._save_checkpoint records after a save
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+
+def saves_folders(strategy: Any) -> bool:
+    """Whether ``strategy`` saves a checkpoint as a sharded folder (ModelParallelStrategy / FSDP1 "sharded")."""
+    return bool(getattr(strategy, "_save_distributed_checkpoint", False)) or (
+        getattr(strategy, "_state_dict_type", None) == "sharded"
+    )
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Replace ``final`` by the complete ``staging`` with renames; at every instant one complete ``*.ckpt`` holds
+    the newest state: ``staging`` until it is renamed, ``final`` after. The old ``final`` leaves under a name
+    ``ckpt_path=last`` never considers before it is deleted, so a kill half way through the delete leaves no
+    half-deleted folder named like a checkpoint."""
+    trash = final.with_name(f".{final.name}.old")
+    _remove(trash)
+    if final.exists() or final.is_symlink():
+        final.rename(trash)
+    staging.rename(final)
+    _remove(trash)
+
+
+def _shards_complete(folder: Path) -> bool:
+    """DCP's ``.metadata`` is readable and every shard file it indexes is there, long enough for its entries.
+
+    ``torch.distributed.checkpoint.save`` writes ``.metadata`` last: every rank writes its shards, the
+    coordinator gathers their write results (a collective) and only then writes ``.metadata.tmp``, fsyncs it
+    and renames it to ``.metadata`` (``FileSystemWriter.finish``). The shard check also catches a folder whose
+    deletion was cut short."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(folder).read_metadata()
+        ends: dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+        return all((folder / name).is_file() and (folder / name).stat().st_size >= end for name, end in ends.items())
+    except Exception:
+        return False
+
 
 def checkpoint_step(path: Path) -> int | None:
-    """The global step stored in a complete checkpoint file; None if it is truncated or not a checkpoint."""
+    """The global step stored in a complete checkpoint (file or sharded folder); None if it is cut short or not
+    a checkpoint. A sharded folder is complete when DCP's shards and ``.metadata`` are (``_shards_complete``) and
+    Lightning's ``meta.pt``, which rank 0 writes after them, is a whole zip; no tensor is read."""
     import torch
 
-    if not zipfile.is_zipfile(path):  # torch.save's zip format: a truncated file has no central directory
+    meta = path
+    if path.is_dir():
+        if not _shards_complete(path):
+            return None
+        meta = path / SHARDED_META
+    if not zipfile.is_zipfile(meta):  # torch.save's zip format: a truncated file has no central directory
         return None
     try:
-        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+        return int(torch.load(meta, map_location="cpu", mmap=True, weights_only=False)["global_step"])
     except Exception:
         return None
 
 
+def read_checkpoint(path: Path, weights: bool = False) -> dict[str, Any]:
+    """The checkpoint dict as Lightning saved it, of a file or of a sharded folder.
+
+    A file is memory-mapped (a tensor is read when used). A sharded folder gives its non-tensor entries
+    (``meta.pt``: ``global_step``, ``nft_lit_config``, loops, callbacks...) and, with ``weights``, its
+    ``state_dict`` consolidated into full tensors in this process, under the LightningModule's own keys; the
+    optimizer shards are not read.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = torch.load(path / SHARDED_META, map_location="cpu", weights_only=False)
+    if weights:
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        with warnings.catch_warnings():  # "...assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message=".*torch.distributed is unavailable or uninitialized")
+            checkpoint.update(_load_state_dict_from_keys({"state_dict"}, checkpoint_id=str(path)))
+    return checkpoint
+
+
 def resolve_checkpoint(ckpt_path: str, run_dir: str | os.PathLike[str]) -> Path:
-    """The checkpoint file ``ckpt_path`` names: ``last`` is the newest complete checkpoint of ``run_dir``."""
+    """The checkpoint (file or sharded folder) ``ckpt_path`` names: ``last`` is the newest complete checkpoint of
+    ``run_dir`` (``last.ckpt`` on a tie)."""
     if ckpt_path == "last":
         folder = Path(run_dir) / "checkpoints"
         found = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
@@ -120,15 +232,11 @@ def resolve_checkpoint(ckpt_path: str, run_dir: str | os.PathLike[str]) -> Path:
             raise RunError(f"ckpt_path=last: no complete checkpoint in {folder} ({what})")
         return max(complete)[2]
     path = Path(ckpt_path).expanduser()
-    if path.is_dir():
-        raise RunError(
-            f"ckpt_path={ckpt_path} is a sharded checkpoint folder; consolidate it first with"
-            " `python -m lightning.pytorch.utilities.consolidate_checkpoint`"
-        )
-    if not path.is_file():
+    if not path.exists():
         raise RunError(f"ckpt_path={ckpt_path} does not exist")
     if checkpoint_step(path) is None:
-        raise RunError(f"ckpt_path={ckpt_path} is not a complete checkpoint (truncated, or not written by Lightning)")
+        what = "a sharded folder missing shards, .metadata or meta.pt" if path.is_dir() else "truncated"
+        raise RunError(f"ckpt_path={ckpt_path} is not a complete checkpoint ({what}, or not written by Lightning)")
     return path
 
 
