@@ -10,7 +10,18 @@ SRC = Path(__file__).parents[1] / "src" / "nft_lit"
 
 # Lower layers never import higher ones. Within a layer imports are allowed but must not form a cycle.
 LAYERS = {
-    "leaf": {"losses", "prompts", "distributed", "data", "reward", "synthetic", "word_problems", "models", "rollout"},
+    "leaf": {
+        "losses",
+        "prompts",
+        "distributed",
+        "data",
+        "reward",
+        "synthetic",
+        "word_problems",
+        "models",
+        "rollout",
+        "stats",
+    },
     "stage": {"sampler", "iteration", "steps", "evaluation", "analysis"},
     "adapter": {"module", "datamodule", "callbacks"},
     "front end": {"cli", "launch", "runs", "report", "verify", "band", "demo.warmup"},

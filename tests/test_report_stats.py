@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 
 from nft_lit.cli import main
-from nft_lit.report import (
+from nft_lit.report import report
+from nft_lit.stats import (
     MIN_SEEDS,
+    compare_groups,
     mean_interval_informative,
     pair_resolvable,
     probability_of_improvement,
     projected_seeds,
-    report,
     separation_p_value,
 )
 
@@ -70,6 +71,40 @@ def test_the_seed_rules():
     assert projected_seeds(0.25, 0.0, 0.55, 4, 4) == 6  # the mirror image
     assert projected_seeds(1.0, 1.0, 1.0, 3, 3) == MIN_SEEDS  # separated, but 3 vs 3 cannot resolve
     assert projected_seeds(0.5, 0.2, 0.8, 4, 4) is None  # no difference to resolve
+
+
+def test_compare_groups_takes_plain_numbers():
+    stats = compare_groups(
+        "m",
+        {
+            "a": ([0, 1, 2, 3], [0.60, 0.62, 0.65, 0.70]),
+            "b": ([0, 1, 2, 3], [0.30, 0.35, 0.40, 0.45]),
+            "c": ([7], [0.5]),
+        },
+        skipped=["d"],
+    )
+    assert [g.label for g in stats.groups] == ["a", "b", "c"] and stats.skipped == ["d"]
+    assert [(p.x, p.y) for p in stats.pairs] == [("a", "b"), ("a", "c"), ("b", "c")]  # X before Y as given
+    ab = stats.pairs[0]
+    assert (ab.prob, ab.low, ab.high, ab.resolved) == (1.0, 1.0, 1.0, True)
+    assert ab.verdict == "resolved at 95% (a better)" and ab.seeds_to_resolve is None
+    c = stats.groups[2]
+    assert (c.seeds, c.mean, c.low, c.high) == ([7], 0.5, None, None)
+    assert c.note == "1 seed: no interval (need >= 4 seeds)"
+
+
+def test_stats_is_a_leaf_of_numpy_scipy_and_the_standard_library():
+    import ast
+    import sys
+    from pathlib import Path
+
+    import nft_lit.stats
+
+    tree = ast.parse(Path(nft_lit.stats.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    roots = {name.split(".")[0] for name in imported}
+    assert roots <= {"numpy", "scipy", "__future__"} | set(sys.stdlib_module_names), roots
 
 
 def test_a_group_beating_every_seed_of_another_resolves_with_four_seeds(tmp_path):

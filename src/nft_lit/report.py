@@ -7,8 +7,8 @@ iteration, like the paper's Table 1, and the curves show held-out accuracy and e
 Figures 6 and 8, with the train reward, the response length, the share of answers cut at the token limit and
 the rollout engine's log-prob gap.
 
-Seed statistics (``seed_statistics``) then say which differences the seeds resolve: per group the mean final
-held-out avg@k with a 95% bootstrap interval over seeds, and per pair of groups the probability of improvement
+Seed statistics (``seed_statistics``, computed by ``nft_lit.stats``) then say which differences the seeds
+resolve: per group the mean final held-out avg@k with a 95% bootstrap interval over seeds, and per pair of groups
 P(X > Y) with a 95% stratified bootstrap interval and a verdict (``stats.json``, ``seed_intervals.png``).
 """
 
@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+
+from nft_lit.stats import CONFIDENCE, METHOD, METHOD_RECORD, MIN_SEEDS, RULES, SeedStatistics, compare_groups
 
 METRICS_CSV = Path("csv") / "metrics.csv"
 HELDOUT = re.compile(r"^val/heldout/avg@(\d+)$")
@@ -292,188 +293,21 @@ def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
     return written
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Seed statistics: which differences between groups do the seeds resolve?
-
-CONFIDENCE = 0.95
-N_RESAMPLES = 10_000
-BOOTSTRAP_SEED = 0  # each interval draws from its own generator with this seed: the same runs, the same report
-METHOD = (
-    f"{CONFIDENCE:.0%} percentile bootstrap over seeds (scipy.stats.bootstrap, method='percentile', "
-    f"n_resamples={N_RESAMPLES}, rng=numpy.random.default_rng({BOOTSTRAP_SEED}) per interval); P(X > Y) is "
-    "rliable's probability of improvement (Mann-Whitney U / (n_X n_Y): the share of seed pairs where X beats Y, "
-    "ties 1/2), its interval a stratified bootstrap (the seeds of X and of Y resampled independently)"
-)
-
-
-def probability_of_improvement(x, y, axis: int = -1):
-    """P(X > Y) over all pairs of a seed of X and a seed of Y, ties counting 1/2 (rliable's probability of
-    improvement on one task, the Mann-Whitney U statistic over n_X n_Y). Vectorised over the other axes."""
-    import numpy as np
-
-    x = np.moveaxis(np.asarray(x, dtype=float), axis, -1)
-    y = np.moveaxis(np.asarray(y, dtype=float), axis, -1)
-    diff = x[..., :, None] - y[..., None, :]
-    return ((diff > 0) + 0.5 * (diff == 0)).mean(axis=(-2, -1))
-
-
-def bootstrap_interval(samples: list[list[float]], statistic) -> tuple[float, float]:
-    """The ``CONFIDENCE`` percentile-bootstrap interval of ``statistic(*samples)``; each sample (the seeds of
-    one group, >= 2) is resampled on its own, so a pair's bootstrap is stratified by group. Deterministic."""
-    import numpy as np
-    from scipy.stats import bootstrap
-
-    result = bootstrap(
-        tuple(np.asarray(sample, dtype=float) for sample in samples),
-        statistic,
-        n_resamples=N_RESAMPLES,
-        confidence_level=CONFIDENCE,
-        method="percentile",
-        paired=False,
-        vectorized=True,
-        axis=-1,
-        rng=np.random.default_rng(BOOTSTRAP_SEED),
-    )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
-
-
-def mean_interval_informative(n: int) -> bool:
-    """Whether a percentile interval of the mean of n seeds says more than their range. A resample that repeats
-    one seed n times has probability (1/n)^n; while that is >= (1 - CONFIDENCE)/2 (n <= 3 at 95%), the lowest
-    and highest seeds are the interval's ends."""
-    return n >= 2 and (1 / n) ** n < (1 - CONFIDENCE) / 2
-
-
-def separation_p_value(n: int, m: int) -> float:
-    """The smallest two-sided p-value an exact Mann-Whitney (permutation) test can give with n and m seeds,
-    reached when every seed of one group beats every seed of the other: 2 / C(n + m, n)."""
-    return min(1.0, 2 / math.comb(n + m, n)) if n and m else 1.0
-
-
-def pair_resolvable(n: int, m: int) -> bool:
-    """Whether n vs m seeds can resolve a pair at all: below this even complete separation is compatible with
-    chance (exact test), although a bootstrap interval of P(X > Y) would then be [1, 1] and exclude 0.5."""
-    return separation_p_value(n, m) < 1 - CONFIDENCE
-
-
-# the fewest seeds per group (equal counts) meeting both rules: 4 at 95% (2/C(8,4) = 0.029; (1/4)^4 = 0.004)
-MIN_SEEDS = next(n for n in range(2, 100) if mean_interval_informative(n) and pair_resolvable(n, n))
-RULES = (
-    f"at least {MIN_SEEDS} seeds per group: with n seeds a percentile interval of the mean is just the seeds' "
-    f"range while (1/n)^n >= {(1 - CONFIDENCE) / 2:.3g} (n <= 3), and P(X > Y) of n vs m seeds can only resolve "
-    f"if an exact test of complete separation, p = 2/C(n+m, n), is below {1 - CONFIDENCE:.2g} (4 vs 4: "
-    f"{separation_p_value(4, 4):.3f}; 3 vs 3: {separation_p_value(3, 3):.2f}). Seeds to resolve an unresolved pair "
-    "are a projection: the observed P(X > Y) kept, the interval shrinking as 1/sqrt(seeds)"
-)
-
-
-@dataclass
-class GroupStats:
-    """One group's final held-out avg@k per seed (fractions), its mean and interval (None below 2 seeds)."""
-
-    label: str
-    seeds: list[int]
-    values: list[float]
-    mean: float
-    low: float | None = None
-    high: float | None = None
-    note: str = ""
-
-
-@dataclass
-class PairStats:
-    """P(X > Y) of two groups, its interval (None below 2 seeds in either) and the verdict."""
-
-    x: str
-    y: str
-    n_x: int
-    n_y: int
-    prob: float
-    low: float | None
-    high: float | None
-    resolved: bool
-    verdict: str
-    seeds_to_resolve: int | None  # projected seeds per group; None when resolved or no difference was seen
-    note: str = ""
-
-
-def projected_seeds(prob: float, low: float, high: float, n: int, m: int) -> int | None:
-    """Seeds per group at which the observed P(X > Y) would resolve if it stayed the same and the interval's
-    half-width toward 0.5, h, shrank as 1/sqrt(seeds): max(n, m)·(h / |P − 0.5|)², at least ``MIN_SEEDS`` and
-    more than now. None when P = 0.5 (no difference to resolve)."""
-    gap = abs(prob - 0.5)
-    if gap < 1e-12:
-        return None
-    half = prob - low if prob > 0.5 else high - prob
-    return max(math.ceil(max(n, m) * (half / gap) ** 2 - 1e-9), MIN_SEEDS, max(n, m) + 1)
-
-
-def _group_stats(label: str, runs: list[Run]) -> GroupStats | None:
-    trained = [r for r in runs if r.curves[HELDOUT_CURVE][-1][0] > 0]  # as in 'after' of the results table
-    if not trained:
-        return None
-    values = [r.last(HELDOUT_CURVE) for r in trained]
-    group = GroupStats(label, [r.seed for r in trained], values, statistics.fmean(values))
-    n = len(values)
-    if n < 2:
-        group.note = f"1 seed: no interval (need >= {MIN_SEEDS} seeds)"
-        return group
-    import numpy as np
-
-    group.low, group.high = bootstrap_interval([values], np.mean)
-    if len(set(values)) == 1:
-        group.note = f"all {n} seeds equal: the interval has width 0, the spread is unknown"
-    elif not mean_interval_informative(n):
-        group.note = f"{n} seeds: the interval is just the seeds' range (need >= {MIN_SEEDS} seeds)"
-    return group
-
-
-def _pair_stats(a: GroupStats, b: GroupStats) -> PairStats:
-    n, m = len(a.values), len(b.values)
-    prob = float(probability_of_improvement(a.values, b.values))
-    if min(n, m) < 2:
-        note = f"{n} vs {m} seeds: no interval (need >= {MIN_SEEDS} seeds per group)"
-        return PairStats(a.label, b.label, n, m, prob, None, None, False, "not resolved (too few seeds)", None, note)
-    low, high = bootstrap_interval([a.values, b.values], probability_of_improvement)
-    excludes_half = low > 0.5 or high < 0.5
-    resolvable = pair_resolvable(n, m)
-    resolved = excludes_half and resolvable
-    note = ""
-    if not resolvable:
-        note = (
-            f"{n} vs {m} seeds: even if every seed of one beat every seed of the other, an exact test gives "
-            f"p = {separation_p_value(n, m):.3g} (need >= {MIN_SEEDS} seeds per group)"
-        )
-    if resolved:
-        verdict = f"resolved at {CONFIDENCE:.0%} ({a.label if low > 0.5 else b.label} better)"
-    else:
-        verdict = "not resolved (too few seeds)" if excludes_half else "not resolved"
-    seeds = None if resolved else projected_seeds(prob, low, high, n, m)
-    return PairStats(a.label, b.label, n, m, prob, low, high, resolved, verdict, seeds, note)
-
-
-@dataclass
-class SeedStatistics:
-    metric: str
-    groups: list[GroupStats]
-    pairs: list[PairStats]
-    skipped: list[str]  # groups with no held-out evaluation after training
-
-
+# ------------- Seed statistics (computed by nft_lit.stats): which differences between groups do the seeds resolve?
 def seed_statistics(groups: dict[str, list[Run]]) -> SeedStatistics:
     """Per group the mean final held-out avg@k over seeds with its interval; per pair of groups (in table
-    order) P(X > Y) with its interval and verdict. Method: ``METHOD``; when seeds are too few: ``RULES``."""
+    order) P(X > Y) with its interval and verdict. Method: ``METHOD``; when seeds are too few: ``RULES``.
+    Only runs evaluated after training count (as in 'after' of the results table); a group with none is skipped."""
     ks = sorted({r.heldout_k for runs in groups.values() for r in runs})
     metric = f"held-out avg@{ks[0] if len(ks) == 1 else 'k'} after the last iteration"
-    stats, skipped = [], []
+    finals, skipped = {}, []
     for label, runs in groups.items():
-        group = _group_stats(label, runs)
-        if group is None:
-            skipped.append(label)
+        trained = [r for r in runs if r.curves[HELDOUT_CURVE][-1][0] > 0]
+        if trained:
+            finals[label] = ([r.seed for r in trained], [r.last(HELDOUT_CURVE) for r in trained])
         else:
-            stats.append(group)
-    pairs = [_pair_stats(a, b) for i, a in enumerate(stats) for b in stats[i + 1 :]]
-    return SeedStatistics(metric, stats, pairs, skipped)
+            skipped.append(label)
+    return compare_groups(metric, finals, skipped)
 
 
 def _interval(low: float | None, high: float | None, scale: float, digits: int) -> str:
@@ -518,51 +352,26 @@ def stats_table(stats: SeedStatistics) -> str:
     return "\n".join(lines).replace("\n\n\n", "\n\n")
 
 
+JSON_KEYS = {"low": "ci", "prob": "p_x_better", "seeds_to_resolve": "seeds_per_group_to_resolve"}
+
+
+def _json_record(fields: dict) -> dict:
+    """A GroupStats or PairStats (``asdict``) for stats.json: renamed by ``JSON_KEYS``, "ci" [low, high] or null."""
+    record = {JSON_KEYS.get(name, name): value for name, value in fields.items() if name != "high"}
+    record["ci"] = None if fields["low"] is None or fields["high"] is None else [fields["low"], fields["high"]]
+    return record
+
+
 def stats_json(stats: SeedStatistics) -> dict:
-    """What ``stats.json`` holds: values as fractions, intervals as [low, high] or null."""
-
-    def ci(low: float | None, high: float | None) -> list[float] | None:
-        return None if low is None or high is None else [low, high]
-
+    """What ``stats.json`` holds: values as fractions, the groups and the pairs as ``_json_record``s."""
     return {
         "metric": stats.metric,
         "confidence": CONFIDENCE,
-        "method": {
-            "name": "percentile bootstrap",
-            "function": "scipy.stats.bootstrap",
-            "n_resamples": N_RESAMPLES,
-            "rng_seed": BOOTSTRAP_SEED,
-            "pairs": "stratified: the seeds of each group resampled independently",
-            "text": METHOD,
-        },
+        "method": METHOD_RECORD,
         "min_seeds_per_group": MIN_SEEDS,
         "rules": RULES,
-        "groups": [
-            {
-                "label": g.label,
-                "seeds": g.seeds,
-                "values": g.values,
-                "mean": g.mean,
-                "ci": ci(g.low, g.high),
-                "note": g.note,
-            }
-            for g in stats.groups
-        ],
-        "pairs": [
-            {
-                "x": p.x,
-                "y": p.y,
-                "n_x": p.n_x,
-                "n_y": p.n_y,
-                "p_x_better": p.prob,
-                "ci": ci(p.low, p.high),
-                "resolved": p.resolved,
-                "verdict": p.verdict,
-                "seeds_per_group_to_resolve": p.seeds_to_resolve,
-                "note": p.note,
-            }
-            for p in stats.pairs
-        ],
+        "groups": [_json_record(asdict(g)) for g in stats.groups],
+        "pairs": [_json_record(asdict(p)) for p in stats.pairs],
         "skipped": stats.skipped,
     }
 
