@@ -1,3 +1,5 @@
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -5,7 +7,16 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from nft_lit.data import ProblemSet
-from nft_lit.synthetic import ALPHABET, ArithmeticTask, arithmetic_problems, count_carries, sample_problems
+from nft_lit.synthetic import (
+    ALPHABET,
+    HELDOUT_RESERVE,
+    ArithmeticTask,
+    arithmetic_problems,
+    count_carries,
+    is_heldout,
+    sample_problems,
+)
+from nft_lit.word_problems import word_problems
 
 
 def _operands(question: str, op: str) -> list[int]:
@@ -97,3 +108,86 @@ def test_synthetic_data_configs_instantiate(path):
     assert cfg.name == path.stem
     for p in problems:  # zero-padded operands: every question of a config has the same length
         assert len(p.question) == len(problems[0].question)
+
+
+def _digest(problems) -> str:
+    rows = [[p.id, p.question, p.answer, p.source] for p in problems]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+# Hashes of the existing splits' draws, recorded before the validation split was added: adding it must not move a
+# single train or held-out problem (the behaviour fingerprints and every reported number depend on them).
+@pytest.mark.parametrize(
+    ("kwargs", "name", "digest"),
+    [
+        ({"split": "heldout", "size": 500, "seed": 0}, "synthetic/add3x2/heldout", "dbd946ce1ad429b4"),  # demo test
+        ({"split": "heldout", "size": 2000, "seed": 0}, "synthetic/add3x2/heldout", "d99ba19c09c998c4"),
+        ({"split": "train", "size": 20000, "seed": 0}, "synthetic/add3x2/train", "3ac672a16d73d931"),  # demo RL
+        (
+            {"split": "train", "size": 20000, "seed": 0, "max_carries": 1},
+            "synthetic/add3x2_c-1/train",
+            "3057e4deb9b83bb7",
+        ),
+        (
+            {"split": "heldout", "size": 500, "seed": 0, "min_carries": 2},
+            "synthetic/add3x2_c2-/heldout",
+            "f7cb8ce593fe0a71",
+        ),
+        ({"split": "train", "size": 300, "seed": 1, "digits": 2}, "synthetic/add2x2/train", "8158d698b18f02c6"),
+    ],
+)
+def test_existing_splits_unchanged(kwargs, name, digest):
+    problems = arithmetic_problems(**kwargs)
+    assert problems.name == name
+    assert _digest(problems) == digest
+
+
+def test_word_problem_splits_unchanged_and_have_no_validation_split():
+    assert _digest(word_problems(split="heldout", size=100)) == "1231dce77a9eed82"
+    assert _digest(word_problems(split="train", size=500)) == "776876d254bdb1c6"
+    with pytest.raises(ValueError, match="split"):
+        word_problems(split="validation", size=10)
+
+
+def test_heldout_draws_are_prefixes_of_longer_draws():
+    """What the validation split rests on: a seed's held-out draw is one sequence, a size only cuts it."""
+    long = arithmetic_problems(split="heldout", size=HELDOUT_RESERVE + 500, seed=0)
+    for size in (1, 500, HELDOUT_RESERVE):
+        assert list(arithmetic_problems(split="heldout", size=size, seed=0)) == list(long[:size])
+
+
+def test_validation_is_the_heldout_draw_after_the_reserve():
+    val = arithmetic_problems(split="validation", size=500, seed=0)
+    long = arithmetic_problems(split="heldout", size=HELDOUT_RESERVE + 500, seed=0)
+    assert val.name == "synthetic/add3x2/validation"
+    assert [(p.question, p.answer) for p in val] == [(p.question, p.answer) for p in long[HELDOUT_RESERVE:]]
+    assert [p.id for p in val] == [f"add3x2/validation/{i}" for i in range(500)]
+    assert len({p.question for p in val}) == 500
+
+
+def test_validation_disjoint_from_demo_test_set_and_from_training():
+    val = {p.question for p in arithmetic_problems(split="validation", size=500, seed=0)}
+    # the demo's held-out test set (configs/experiment/demo.yaml eval.heldout) and any test set up to the reserve
+    assert not val & {p.question for p in arithmetic_problems(split="heldout", size=500, seed=0)}
+    assert not val & {p.question for p in arithmetic_problems(split="heldout", size=HELDOUT_RESERVE, seed=0)}
+    # training draws only from the train part of the hash partition, whatever the seed, size or carry bounds
+    assert all(is_heldout(q, 0.1) for q in val)
+    for seed in range(3):
+        assert not val & {p.question for p in arithmetic_problems(split="train", size=20000, seed=seed)}
+    assert not val & {p.question for p in arithmetic_problems(split="train", size=20000, seed=0, max_carries=1)}
+
+
+def test_validation_deterministic_and_follows_carry_bounds():
+    a = arithmetic_problems(split="validation", size=200, seed=3, min_carries=2)
+    assert list(a) == list(arithmetic_problems(split="validation", size=200, seed=3, min_carries=2))
+    assert list(a) != list(arithmetic_problems(split="validation", size=200, seed=4, min_carries=2))
+    assert all(count_carries(tuple(_operands(p.question, "+")), "+", 3) >= 2 for p in a)
+    # a longer validation draw extends a shorter one (the same sequence, cut later)
+    assert list(arithmetic_problems(split="validation", size=100, seed=3, min_carries=2)) == list(a[:100])
+
+
+def test_validation_bad_size_and_too_small_space_are_clear_errors():
+    with pytest.raises(ValueError, match="size"):
+        arithmetic_problems(split="validation", size=0)
+    with pytest.raises(ValueError, match="distinct heldout"):
+        arithmetic_problems(split="validation", size=50, digits=2)

@@ -12,6 +12,13 @@ docs/RESULTS.md uses them.
 Held-out problems never appear in a training split, whatever the seeds and sizes: a problem belongs to the
 held-out part of the space iff a fixed hash of its question falls below ``heldout_fraction``; the split
 argument only chooses which part is sampled.
+
+A third split, ``validation``, is for model selection (learning rates, ...) without touching the test problems:
+the held-out-part problems that the seed's held-out draw yields *after* its first :data:`HELDOUT_RESERVE`. The
+held-out draw of a seed is one fixed sequence of distinct questions and a draw of ``size`` stops after its first
+``size`` of them, so ``heldout`` of any size <= :data:`HELDOUT_RESERVE` is a prefix of that sequence and
+``validation`` (same seed) a later, disjoint stretch of it; both lie in the held-out part, so neither meets a
+training problem. The train and held-out draws are unchanged by it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ ALPHABET = "0123456789+-*="
 
 OPERATIONS = ("+", "-", "*")
 SPLITS = ("train", "heldout")
+ARITHMETIC_SPLITS = (*SPLITS, "validation")
+HELDOUT_RESERVE = 1000
+"""Problems at the start of each seed's held-out draw kept for test sets: ``validation`` starts after them, so it is
+disjoint from every ``heldout`` set of the same seed and at most this size (the demo's test set: seed 0, 500)."""
 _HASH_BUCKETS = 1_000_000
 
 
@@ -173,14 +184,28 @@ def draw_split(
 
 
 def sample_problems(task: ArithmeticTask, split: str, size: int, seed: int) -> list[Problem]:
-    """``size`` distinct problems of ``task`` from ``split``, deterministic in ``(task, split, size, seed)``."""
+    """``size`` distinct problems of ``task`` from ``split``, deterministic in ``(task, split, size, seed)``.
+
+    ``validation``: problems ``HELDOUT_RESERVE .. HELDOUT_RESERVE + size - 1`` of the seed's held-out draw (module
+    doc), so never in a training split nor in a ``heldout`` set of the same seed of size <= ``HELDOUT_RESERVE``.
+    """
 
     def draw(rng: random.Random) -> tuple[str, str] | None:
         operands = task.draw(rng)
         return (task.question(operands), task.answer(operands)) if task.accepts(operands) else None
 
-    rng_key, what = f"{task.name}/{split}/{seed}", f"synthetic task {task.name}"
-    pairs = draw_split(draw, split, size, rng_key, task.heldout_fraction, what, "raise digits/heldout_fraction")
+    what, hint = f"synthetic task {task.name}", "raise digits/heldout_fraction"
+    if split == "validation":
+        if size < 1:
+            raise ValueError(f"{what}: size must be >= 1, got {size}")
+        rng_key = f"{task.name}/heldout/{seed}"  # the held-out draw itself, continued past the reserved prefix
+        pairs = draw_split(draw, "heldout", HELDOUT_RESERVE + size, rng_key, task.heldout_fraction, what, hint)
+        pairs = pairs[HELDOUT_RESERVE:]
+    elif split in SPLITS:
+        rng_key = f"{task.name}/{split}/{seed}"
+        pairs = draw_split(draw, split, size, rng_key, task.heldout_fraction, what, hint)
+    else:
+        raise ValueError(f"{what}: split must be one of {ARITHMETIC_SPLITS}, got {split!r}")
     return [
         Problem(id=f"{task.name}/{split}/{i}", question=q, answer=a, source=f"synthetic/{task.name}")
         for i, (q, a) in enumerate(pairs)
