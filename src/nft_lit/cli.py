@@ -277,12 +277,20 @@ def build_trainer(cfg: Any, evaluation: Any | None = None, keep_csv_up_to_step: 
 def _resume_point(cfg: Any, run_config: dict[str, Any]) -> tuple[str | None, int]:
     """(checkpoint to resume from or None, its global step or -1); refuses a checkpoint of another experiment.
 
-    The checkpoint may be a file or a sharded folder (its step and config are read without its tensors)."""
-    from nft_lit.runs import config_changes, read_checkpoint, resolve_checkpoint
+    The checkpoint may be a file or a sharded folder (its step and config are read without its tensors).
+    ``auto`` is ``last`` when the run folder has a complete checkpoint and a new run otherwise: one command line
+    for the first start and every requeue of a scheduler job."""
+    from nft_lit.runs import RunError, config_changes, read_checkpoint, resolve_checkpoint
 
     if cfg.get("ckpt_path") is None:
         return None, -1
-    path = resolve_checkpoint(str(cfg.ckpt_path), cfg.run_dir)
+    try:
+        path = resolve_checkpoint("last" if cfg.ckpt_path == "auto" else str(cfg.ckpt_path), cfg.run_dir)
+    except RunError:
+        if cfg.ckpt_path != "auto":
+            raise
+        log.info("ckpt_path=auto: no complete checkpoint in %s yet; starting the run", cfg.run_dir)
+        return None, -1
     saved = read_checkpoint(path)
     changes = config_changes(saved.get("nft_lit_config") or {}, run_config)
     if changes and not cfg.get("resume_force", False):
