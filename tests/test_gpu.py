@@ -68,3 +68,19 @@ def test_nft_lit_fit_with_gpu_trainer_configs(tmp_path, trainer):
     assert losses and all(math.isfinite(x) for x in losses)
     assert gaps and all(math.isfinite(g) for g in gaps)
     assert any(r.get("val/heldout/avg@1") for r in rows)
+
+
+def test_gpu_fsdp_sharded_checkpoint_resumes_and_exports(tmp_path):
+    """trainer=gpu_fsdp's default sharded (DCP) checkpoints on one GPU: `ckpt_path=last` resumes from the
+    folder, and `nft-lit export` consolidates it into an HF folder (tests/test_sharded_checkpoints.py does the
+    same on 2 CPU processes)."""
+    run = tmp_path / "run"
+    base = ["experiment=smoke", "trainer=gpu_fsdp", "trainer.devices=1", *PARITY_OVERRIDES, f"hydra.run.dir={run}"]
+    _nft_lit("fit", *base, "iterations=2")
+    assert (run / "checkpoints" / "last.ckpt").is_dir()
+    resumed = _nft_lit("fit", *base, "iterations=3", "ckpt_path=last")
+    assert "resuming" in resumed.stderr + (run / "cli.log").read_text()
+    rows = list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+    assert sorted({int(float(r["epoch"])) for r in rows if r.get("train/loss")}) == [0, 1, 2]
+    _nft_lit("export", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'hf'}")
+    assert (tmp_path / "hf" / "config.json").is_file()
