@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one go (about 10 min on an H200): the `gpu` tests (FSDP2/bf16 fits on one device over
-# NCCL, trainer=gpu/gpu_fsdp fits, a sharded-checkpoint resume and export, ~3 min), bench/gpu_check.py (bf16 step MFU, loss kernels, HF generation, ~1 min), its torch.compile
-# variant (~1.5 min), then bench/gpu_loop.py (module.compile inside Trainer.fit, and token-budget vs fixed
+# NCCL, trainer=gpu/gpu_fsdp fits, a sharded-checkpoint resume and export, ~3 min), bench/gpu_check.py (bf16
+# step MFU, loss kernels, HF generation, ~1 min), its torch.compile variant (~1.5 min), then bench/gpu_loop.py (module.compile inside Trainer.fit, and token-budget vs fixed
 # micro-batches at 512-8k long-tail lengths, ~3 min). Each stage has a timeout (300/120/150/300 s).
 # Logs and JSON go to OUT_DIR; STAGES picks a subset (default "tests bench compile loop").
 #

@@ -114,6 +114,9 @@ def test_every_reward_config_instantiates_a_verifier(reward):
         (["datamodule.num_mini_batches=0"], "datamodule.num_mini_batches"),
         (["sampling.temperature=0"], "sampling.temperature"),
         (["algorithm=dapo"], r"algorithm.overlong_buffer=512 must be in (0, sampling.max_new_tokens=3]"),
+        (["rollout=vllm", "rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size=2"),
+        (["datamodule.max_logprob_gap=abc"], "datamodule.max_logprob_gap='abc'"),
+        (["datamodule.max_logprob_gap=-1"], "datamodule.max_logprob_gap=-1"),
     ],
 )
 def test_bad_configuration_fails_at_start_naming_the_option(overrides, option):

@@ -16,6 +16,8 @@ from nft_lit.rollout import (
     RolloutEngine,
     SamplingParams,
     check_logprob_gap,
+    check_tensor_parallel_size,
+    default_max_gap,
     logprob_gap,
 )
 
@@ -222,3 +224,21 @@ def test_logprob_gap_values_and_errors():
     check_logprob_gap(10.0, max_gap=None)
     with pytest.raises(LogprobGapError):
         check_logprob_gap(float("nan"), max_gap=1.0)
+
+
+def test_the_auto_gap_limit_follows_the_coarser_dtype():
+    """`datamodule.max_logprob_gap: auto` (the default): 1e-3 in float32, 5e-2 once either side runs in 16 bits."""
+    assert default_max_gap((torch.float32, torch.float32)) == 1e-3
+    assert default_max_gap((None, torch.float32)) == 1e-3  # HF engine: the policy's dtype alone
+    assert default_max_gap((torch.bfloat16, torch.float32)) == 5e-2
+    assert default_max_gap(("float16", torch.float16)) == 5e-2
+    check_logprob_gap(6e-6, "auto", dtypes=(torch.float32, torch.float32))  # SmolLM2's largest healthy gap
+    check_logprob_gap(4.4e-3, "auto", dtypes=(torch.bfloat16, torch.bfloat16))  # bf16 on CPU
+    with pytest.raises(LogprobGapError, match=r"exceeds max_gap=0\.001.*rollout\.dtype.*max_logprob_gap=null"):
+        check_logprob_gap(0.149, "auto", dtypes=(torch.float32, torch.float32))  # the TP bug's third iteration
+
+
+def test_a_tensor_parallel_engine_is_refused_naming_the_option():
+    check_tensor_parallel_size(1)
+    with pytest.raises(ValueError, match=r"rollout\.tensor_parallel_size=2: tensor-parallel vLLM is refused"):
+        check_tensor_parallel_size(2)
