@@ -168,6 +168,7 @@ def make_datamodule(**overrides):
         num_mini_batches=2,
         micro_batch_size=3,
         seed=1,
+        max_logprob_gap=None,  # the fake engine's constant log-probs are no policy's: only log the gap
     )
     kwargs.update(overrides)
     return RolloutDataModule(**kwargs)

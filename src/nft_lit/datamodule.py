@@ -87,7 +87,7 @@ class RolloutDataModule(pl.LightningDataModule):
         max_prompt_tokens: int | None = None,
         whole_groups: bool = False,
         max_tokens_per_micro_batch: int | None = None,
-        max_logprob_gap: float | str | None = None,
+        max_logprob_gap: float | str | None = "auto",
         old_logprobs_from_forward: bool = True,
         seed: int = 0,
         val_benchmarks: Sequence[Benchmark] | None = None,
