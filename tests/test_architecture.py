@@ -21,10 +21,23 @@ LAYERS = {
         "models",
         "rollout",
         "stats",
+        "engine_folder",
+        "selection",
     },
     "stage": {"sampler", "iteration", "steps", "evaluation", "analysis"},
     "adapter": {"module", "datamodule", "callbacks"},
-    "front end": {"cli", "launch", "runs", "report", "verify", "band", "demo.warmup"},
+    "front end": {
+        "cli",
+        "compose",
+        "console",
+        "lightning_cli",
+        "launch",
+        "runs",
+        "report",
+        "verify",
+        "band",
+        "demo.warmup",
+    },
 }
 RANK = {name: i for i, names in enumerate(LAYERS.values()) for name in names}
 FRAMEWORKS = ("lightning", "hydra", "omegaconf")

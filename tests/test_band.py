@@ -11,10 +11,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from nft_lit import band
-from nft_lit.band import QuestionRate, SelectionError, assign_part, read_selection, screen, selected_problems
-from nft_lit.cli import CONFIG_DIR, check_config
+from nft_lit.band import QuestionRate, assign_part, screen
+from nft_lit.compose import CONFIG_DIR, check_config
 from nft_lit.data import Problem, ProblemSet
 from nft_lit.reward import VerifyResult
+from nft_lit.selection import SelectionError, read_selection, selected_problems
 
 
 class TableVerifier:
@@ -125,7 +126,7 @@ def test_written_selection_loads_disjoint_parts_of_only_the_selected_ids(tmp_pat
 def test_the_data_config_node_instantiates_to_the_selected_part(tmp_path):
     band.write_selection(tmp_path, _rates([1, 0, 2, 4, 3]), heldout_fraction=0.4, seed=0)
     node = {
-        "_target_": "nft_lit.band.selected_problems",
+        "_target_": "nft_lit.selection.selected_problems",
         "problems": {"_target_": "test_band._problems", "n": 5},
         "selection": str(tmp_path / "selection.jsonl"),
         "part": "train",
@@ -182,7 +183,9 @@ def test_command_line_screens_selects_and_writes_the_files(tmp_path, monkeypatch
     data = tmp_path / "toy.yaml"
     data.write_text("name: toy\nproblems:\n  _target_: test_band._toy_set\n  n: 12\n  split: train\n")
     table = {f"g{i}": i % 5 for i in range(12)}
-    monkeypatch.setattr(band, "_build_sampler", lambda args: (make_sampler(verifier=TableVerifier(table)), object()))
+    monkeypatch.setattr(
+        band, "_build_sampler", lambda args, problems: (make_sampler(verifier=TableVerifier(table)), object())
+    )
     out = tmp_path / "screen"
     argv = ["--data", str(data), "--questions", "10", "--samples", "4", "--max-new-tokens", "6", "--out", str(out)]
     assert band.main(argv) == 0
@@ -221,7 +224,7 @@ def test_smollm2_math_composes_with_vllm_math_verify_and_the_band_parts(algorith
     assert "boxed" in cfg.prompt.system and cfg.prompt.use_chat_template
     assert cfg.iterations >= 20 and cfg.algorithm.num_answers == cfg.datamodule.num_answers
     train, heldout = cfg.data.problems, cfg.eval.heldout
-    assert train._target_ == heldout._target_ == "nft_lit.band.selected_problems"
+    assert train._target_ == heldout._target_ == "nft_lit.selection.selected_problems"
     assert (train.part, heldout.part) == ("train", "heldout")
     assert train.selection == heldout.selection
     assert train.problems._target_ == heldout.problems._target_ == "nft_lit.word_problems.word_problems"

@@ -185,7 +185,8 @@ def test_smoke_experiment_runs_every_algorithm(tmp_path, algorithm):
 
     from hydra import compose, initialize_config_dir
 
-    from nft_lit.cli import CONFIG_DIR, run_fit
+    from nft_lit.cli import run_fit
+    from nft_lit.compose import CONFIG_DIR
 
     extra = {"dapo": ["algorithm.overlong_buffer=2"]}.get(algorithm, [])
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
@@ -246,7 +247,8 @@ def test_exported_folder_loads_in_vllm(tmp_path):
 def test_validate_without_checkpoint_evaluates_the_configured_model(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from nft_lit.cli import CONFIG_DIR, ConfigError, run_validate
+    from nft_lit.cli import run_validate
+    from nft_lit.compose import CONFIG_DIR, ConfigError
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=smoke", f"run_dir={tmp_path}"])

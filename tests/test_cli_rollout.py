@@ -20,7 +20,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from nft_lit.cli import CONFIG_DIR, ENGINE_FOLDER, ConfigError, build_fit, run_validate
+from nft_lit.cli import run_validate
+from nft_lit.compose import CONFIG_DIR, ConfigError, build_fit
+from nft_lit.engine_folder import ENGINE_FOLDER
 from nft_lit.models import ModelSpec, build_char_tokenizer, load_model, load_tokenizer, save_hf_folder, tiny_causal_lm
 from nft_lit.rollout import HFGenerateEngine, SamplingParams
 from nft_lit.synthetic import ALPHABET

@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from nft_lit.cli import CONFIG_DIR, ConfigError, build_fit, check_config
+from nft_lit.compose import CONFIG_DIR, ConfigError, build_fit, check_config
 from nft_lit.losses import NFTLoss
 
 ALGORITHMS = sorted(p.stem for p in (CONFIG_DIR / "algorithm").glob("*.yaml"))
@@ -156,7 +156,7 @@ def test_missing_data_file_fails_naming_the_data_dir(tmp_path):
 
 
 def test_validate_benchmarks_follow_each_data_config_protocol():
-    from nft_lit.cli import build_benchmarks
+    from nft_lit.compose import build_benchmarks
 
     cfg = _compose("experiment=paper_7b")  # AIME/AMC avg@32, the rest avg@1, top-p 0.7, T 1.0
     benches = {b.name: b for b in build_benchmarks(cfg, fallback_to_data=True)}
@@ -176,7 +176,7 @@ def test_validate_benchmarks_follow_each_data_config_protocol():
 
 @needs_data
 def test_gsm8k_trains_on_train_and_is_evaluated_on_test():
-    from nft_lit.cli import build_benchmarks
+    from nft_lit.compose import build_benchmarks
 
     cfg = _compose("data=gsm8k")
     assert cfg.data.problems.split == "train"

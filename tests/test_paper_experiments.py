@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from nft_lit.cli import CONFIG_DIR, check_config
+from nft_lit.compose import CONFIG_DIR, check_config
 from nft_lit.iteration import check_loss_fits
 from nft_lit.losses import DrGRPOLoss, GRPOLoss, NFTLoss, RFTLoss
 

@@ -5,7 +5,8 @@ import torch
 from _rollout_fakes import PARITY_OVERRIDES
 from hydra import compose, initialize_config_dir
 
-from nft_lit.cli import CONFIG_DIR, run_fit
+from nft_lit.cli import run_fit
+from nft_lit.compose import CONFIG_DIR
 
 # Parity rewards give mixed groups from a random-init model, so every iteration really updates the weights.
 OVERRIDES = [

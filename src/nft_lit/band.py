@@ -12,8 +12,7 @@ This stage measures the base policy's sampled pass rate r̂ per question and kee
 3. ``write_selection``: ``screen.jsonl`` (every screened question with its r̂), ``selection.jsonl`` (the
    in-band ones with their part) and ``summary.json`` (pass rates of the whole screen and of the
    selection, r̂ histogram, in-band fraction, settings, seconds);
-4. ``selected_problems``: a data config loads only the selected ids of one part
-   (``_target_: nft_lit.band.selected_problems``, ``problems`` = the base data set's node).
+4. a data config loads only the selected ids of one part with ``nft_lit.selection.selected_problems``.
 
 Command line (no Hydra; see ``python -m nft_lit.band --help``)::
 
@@ -38,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nft_lit.data import Problem, ProblemSet, read_records
+from nft_lit.data import Problem
+from nft_lit.selection import _REPO_ROOT, PARTS, SELECTION_FILE, SUMMARY_FILE, SelectionError
 
 __all__ = [
     "PARTS",
@@ -46,24 +46,14 @@ __all__ = [
     "assign_part",
     "in_band",
     "main",
-    "read_selection",
     "screen",
     "select",
-    "selected_problems",
     "summarize",
     "write_selection",
 ]
 
-PARTS = ("train", "heldout")
-SELECTION_FILE = "selection.jsonl"
 SCREEN_FILE = "screen.jsonl"
-SUMMARY_FILE = "summary.json"
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 _HASH_BUCKETS = 2**64
-
-
-class SelectionError(ValueError):
-    """A selection file (or its use) is wrong; the message names the file, line and field."""
 
 
 @dataclass(frozen=True)
@@ -248,103 +238,6 @@ def write_selection(
     return summary
 
 
-def _resolve(path: str | os.PathLike[str]) -> Path:
-    """``path`` as given when it exists (absolute, or relative to the working directory), else relative to
-    the repository root (configs name ``.cache/nft-lit/band/...`` whatever directory a run starts in)."""
-    given = Path(path).expanduser()
-    if given.exists() or given.is_absolute():
-        return given
-    in_repo = _REPO_ROOT / given
-    return in_repo if in_repo.exists() else given
-
-
-def read_selection(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a ``selection.jsonl``; a bad file fails naming the file, the line and the field."""
-    file = _resolve(path)
-    if file.is_dir():
-        file = file / SELECTION_FILE
-    if not file.is_file():
-        raise SelectionError(
-            f"selection file {file} does not exist; write it with `python -m nft_lit.band --out {file.parent}` "
-            f"(the base model's in-band screen), or point the data config's `selection` at it"
-        )
-    records: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    try:
-        lines = list(read_records(file))  # malformed JSON and non-objects fail naming the file and line
-    except ValueError as err:
-        raise SelectionError(str(err)) from None
-    for line_no, record in lines:
-        where = f"{file}:{line_no}"
-        qid = record.get("id")
-        if not isinstance(qid, str) or not qid:
-            raise SelectionError(f"{where}: field 'id': expected a non-empty string, got {qid!r}")
-        part = record.get("part")
-        if part not in PARTS:
-            raise SelectionError(f"{where}: field 'part': expected one of {list(PARTS)}, got {part!r}")
-        r_hat = record.get("r_hat")
-        if isinstance(r_hat, bool) or not isinstance(r_hat, int | float) or not 0 <= r_hat <= 1:
-            raise SelectionError(f"{where}: field 'r_hat': expected a number in [0, 1], got {r_hat!r}")
-        if qid in seen:
-            raise SelectionError(f"{where}: field 'id': {qid!r} is listed twice (first on line {seen[qid]})")
-        seen[qid] = line_no
-        records.append({**record, "_line": line_no})
-    if not records:
-        summary = file.with_name(SUMMARY_FILE)
-        why = ""
-        if summary.is_file():
-            facts = json.loads(summary.read_text(encoding="utf-8"))
-            why = (
-                f": its screen found no question with 0 < r̂ < 1 ({facts.get('questions')} questions x "
-                f"{facts.get('samples')}, pass rate {facts.get('pass_rate')}; {summary}), the set is out of the "
-                f"model's band"
-            )
-        raise SelectionError(f"selection file {file} holds no questions{why}")
-    return records
-
-
-def selected_problems(
-    problems: Sequence[Problem],
-    selection: str | os.PathLike[str],
-    part: str = "train",
-    limit: int | None = None,
-) -> ProblemSet:
-    """The problems of ``problems`` whose ids ``selection`` lists under ``part``, in the selection's order.
-
-    A data config's ``problems`` node: ``_target_: nft_lit.band.selected_problems`` with the base set's node
-    as ``problems`` (instantiated first by Hydra), the ``selection.jsonl`` file (or its folder) and ``part``
-    (``train`` | ``heldout``). Fails, naming the file and line, on an id the base set does not hold (the
-    selection was made on another set or split).
-    """
-    if part not in PARTS:
-        raise ValueError(f"selected_problems: part must be one of {list(PARTS)}, got {part!r}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"selected_problems: limit must be a positive integer or null, got {limit}")
-    base: dict[str, Problem] = {}
-    for p in problems:
-        if str(p.id) in base:
-            raise SelectionError(f"selected_problems: the base problem set repeats id {p.id!r}; ids must be unique")
-        base[str(p.id)] = p
-    name = getattr(problems, "name", "problems")
-    file = _resolve(selection)
-    chosen: list[Problem] = []
-    for record in read_selection(selection):
-        if record["part"] != part:
-            continue
-        problem = base.get(record["id"])
-        if problem is None:
-            raise SelectionError(
-                f"{file}:{record['_line']}: field 'id': {record['id']!r} is not in the base problem set {name} "
-                f"({len(base)} problems); the selection was made on another data set or split"
-            )
-        chosen.append(problem)
-        if limit is not None and len(chosen) >= limit:
-            break
-    if not chosen:
-        raise SelectionError(f"selection file {file} has no question in part {part!r}")
-    return ProblemSet(f"{name}[band:{part}]", tuple(chosen))
-
-
 # ---------------------------------------------------------------------------------------------- command line
 def _config_node(group: str, name_or_path: str) -> Any:
     """``configs/<group>/<name>.yaml`` or a yaml file path, loaded with OmegaConf."""
@@ -404,40 +297,60 @@ def _parser() -> argparse.ArgumentParser:
         "--split-seed", type=int, default=0, help="seed of the train/held-out hash: keep it fixed across screens"
     )
     p.add_argument("--batch-prompts", type=int, default=16, help="questions per sampler call (progress)")
+    p.add_argument(
+        "--chunk-prompts",
+        type=int,
+        default=None,
+        help="sampler.chunk_prompts: verify each chunk while the next generates",
+    )
     p.add_argument("--out", default=None, help="output folder (default: .cache/nft-lit/band/<data>_<split>_<model>)")
     return p
 
 
-def _build_sampler(args: argparse.Namespace) -> tuple[Any, Any]:
+def _sampler_options(chunk_prompts: int | None) -> Any:
+    """configs/train.yaml composed with this screen's sampler options: the Sampler is built from the same
+    ``sampler`` node as in ``nft-lit fit`` (``compose.build_sampler``), so an option means the same here."""
+    from hydra import compose, initialize_config_dir
+
+    from nft_lit.compose import CONFIG_DIR
+
+    chunk = "null" if chunk_prompts is None else str(chunk_prompts)
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=["run_dir=.", f"sampler.chunk_prompts={chunk}"])
+
+
+def _build_sampler(args: argparse.Namespace, problems: Sequence[Problem]) -> tuple[Any, Any]:
     """(Sampler, policy or None) for the command line's engine, prompt and verifier."""
     from hydra.utils import instantiate
 
+    from nft_lit.compose import build_sampler
     from nft_lit.models import ModelSpec, load_model, load_tokenizer
-    from nft_lit.rollout import HFGenerateEngine
-    from nft_lit.sampler import Sampler
+    from nft_lit.prompts import encode_prompt
+    from nft_lit.rollout import HFGenerateEngine, VLLMEngine
 
     spec = ModelSpec(pretrained=args.model)
     tokenizer = load_tokenizer(spec)
     prompt = _config_node("prompt", args.prompt)
     if args.template is not None:
         prompt.template = args.template
-    template = instantiate(prompt, _convert_="object")
-    verifier = instantiate(_config_node("reward", args.reward).verifier, _convert_="object")
+    parts = {
+        "tokenizer": tokenizer,
+        "verifier": instantiate(_config_node("reward", args.reward).verifier, _convert_="object"),
+        "prompt_template": instantiate(prompt, _convert_="object"),
+    }
+    options = _sampler_options(args.chunk_prompts)
     if args.engine == "hf":
-        return Sampler(HFGenerateEngine(), tokenizer, verifier, template), load_model(spec, tokenizer).eval()
-    from nft_lit.rollout import VLLMEngine
-
-    # Started from the folder in its own dtype (float32, as the trained policy): no policy to sync.
-    max_num_seqs = max(args.batch_prompts * args.samples, 1)
-    max_model_len = 1024 + args.max_new_tokens
+        return build_sampler(options, HFGenerateEngine(), **parts), load_model(spec, tokenizer).eval()
+    # Sized to this screen: its longest prompt plus the answer budget, batch_prompts x K sequences at once.
+    longest = max(len(encode_prompt(p.question, parts["prompt_template"], tokenizer)) for p in problems)
     engine = VLLMEngine(
         model_path=args.model,
-        dtype=spec.dtype,
-        max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs,
+        dtype=spec.dtype,  # started from the folder in its own dtype (float32, as the trained policy)
+        max_model_len=longest + args.max_new_tokens,
+        max_num_seqs=max(args.batch_prompts * args.samples, 1),
         seed=args.seed,  # VLLMEngine schedules whole prompts on CPU (the seeded chunked-prefill crash)
     )
-    return Sampler(engine, tokenizer, verifier, template), None
+    return build_sampler(options, engine, **parts), None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.questions and args.questions < len(base):
             order = sorted(random.Random(args.seed).sample(range(len(base)), args.questions))
             problems = [base[i] for i in order]
-        sampler, policy = _build_sampler(args)
+        sampler, policy = _build_sampler(args, problems)
         startup = time.perf_counter() - t_load
     except (SelectionError, ValueError, FileNotFoundError, InstantiationException) as exc:
         print(f"nft-lit band: {exc}", file=sys.stderr)

@@ -140,3 +140,18 @@ def resume_command(overrides: list[str], run_dir: str) -> str:
     """The command line that continues a run: its own overrides, ``ckpt_path=last`` and its folder."""
     kept = [o for o in overrides if not o.lstrip("+~").startswith(("ckpt_path=", "hydra.run.dir="))]
     return shlex.join(["nft-lit", "fit", *kept, "ckpt_path=last", f"hydra.run.dir={run_dir}"])
+
+
+def preempted_message(run_dir: str, iterations: int, overrides: list[str]) -> str:
+    """What a SIGTERM left: the newest complete iteration on disk and the command that continues from it."""
+    from nft_lit.runs import RunError, read_checkpoint, resolve_checkpoint
+
+    try:
+        path = resolve_checkpoint("last", run_dir)
+    except RunError:
+        return f"stopped by SIGTERM before any iteration completed (nothing to resume in {run_dir}); rerun it"
+    done = int(read_checkpoint(path).get("epoch", -1)) + 1
+    return (
+        f"stopped by SIGTERM; {path} holds iteration {done} of {iterations} (complete). Resume with: "
+        + resume_command(overrides, str(run_dir))
+    )
