@@ -6,7 +6,7 @@
 
 Each variant is one `nft-lit fit experiment=demo` in its own process on the cached warm-up base (`nft-lit
 warmup` makes it; `--quick` makes a tiny one), with the held-out evaluation off, so an iteration is the RL
-work alone. The run logs `seconds/<phase>` for every iteration (module.py, datamodule.py); this prints the
+work alone. The run logs `seconds/<phase>` for every iteration (module.py, driver.py); this prints the
 median of each phase over the warm iterations (the first pays start-up) and the whole run's wall time,
 start-up included. Variants:
 

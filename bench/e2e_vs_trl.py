@@ -44,13 +44,13 @@ iteration ends. ``--runs`` (default 3) repeats the whole comparison (every side 
 the median across runs and the min-max spread of s/iteration and of its ratio to TRL/hf, the ratio taken
 within each run. Goal: nft-lit NFT <= 0.5x TRL's time per iteration at equal work (GOAL_RATIO).
 
-Columns besides s/iteration: "rollout s" is the data side of an iteration (nft-lit: ``RolloutDataModule.rollout``
+Columns besides s/iteration: "rollout s" is the data side of an iteration (nft-lit: ``RolloutIteration.run``
 = sync, generate, verify, plan, old log-probs; TRL: ``_generate_and_score_completions`` = generate, reward,
 advantages, old log-probs), "generate s" the engine's part of it (TRL/vllm: with its weight sync), "train s" an
 iteration minus its rollout, "padding" the padded share of the token positions the training forwards compute
 (TRL pads a whole generation batch to its longest prompt + answer; nft-lit reports ``rollout/padding_fraction``),
-"micro-b/it" forward/backward passes per iteration. nft-lit sides also record the datamodule's own phase times
-(``seconds/*`` of ``steps[0].rollout_stats``, medians of the warm iterations). ``--quick``: a tiny model, one
+"micro-b/it" forward/backward passes per iteration. nft-lit sides also record the iteration stage's phase times
+(``seconds/*`` of ``IterationResult.stats``, medians of the warm iterations). ``--quick``: a tiny model, one
 run of 2 iterations, the default workload, the HF sides and (when vllm is installed) nft_lit_nft/vllm.
 Writes bench/results/e2e_vs_trl.json: meta (machine, versions, load averages before/after), per workload its
 setup, one row per side (medians, spreads, per-run figures, length summary, error if any) and the verdicts.
@@ -389,7 +389,6 @@ def run_nft_lit(setup: Setup, algorithm: str, engine_name: str) -> dict[str, Any
     from nft_lit.module import PolicyModule
     from nft_lit.rollout import HFGenerateEngine, SamplingParams
     from nft_lit.sampler import Sampler
-    from nft_lit.steps import StepBatch
 
     model, tokenizer, problems = build(setup)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
@@ -432,22 +431,13 @@ def run_nft_lit(setup: Setup, algorithm: str, engine_name: str) -> dict[str, Any
     rollout_seconds: list[float] = []
     micro_batches: list[int] = []
 
-    class RecordingDataModule(RolloutDataModule):
-        def rollout(self, *args: Any, **kwargs: Any) -> list[StepBatch]:
-            start = time.perf_counter()
-            steps = super().rollout(*args, **kwargs)
-            rollout_seconds.append(time.perf_counter() - start)
-            stats.append(dict(steps[0].rollout_stats))
-            micro_batches.append(sum(not getattr(mb, "is_padding", False) for s in steps for mb in s.micro_batches))
-            return steps
-
     longest_prompt = max(len(tokenizer(p.question, add_special_tokens=False).input_ids) for p in problems)
     budget = token_budget(setup, longest_prompt)
     extra: dict[str, Any] = {}
     budget_supported = "max_tokens_per_micro_batch" in inspect.signature(RolloutDataModule.__init__).parameters
     if budget is not None and budget_supported:
         extra["max_tokens_per_micro_batch"] = budget
-    datamodule = RecordingDataModule(
+    datamodule = RolloutDataModule(
         problems=problems,
         sampler=Sampler(engine, tokenizer, ParityVerifier()),
         sampling=SamplingParams(temperature=1.0, max_new_tokens=setup.max_new_tokens),
@@ -462,6 +452,18 @@ def run_nft_lit(setup: Setup, algorithm: str, engine_name: str) -> dict[str, Any
         seed=setup.seed,
         **extra,
     )
+    # Each iteration of the stage the datamodule runs: its time, statistics and forward/backward passes.
+    run_iteration = datamodule.stage.run
+
+    def recording_run(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = run_iteration(*args, **kwargs)
+        rollout_seconds.append(time.perf_counter() - start)
+        stats.append(dict(result.stats))
+        micro_batches.append(sum(not mb.is_padding for s in result.steps for mb in s.micro_batches))
+        return result
+
+    datamodule.stage.run = recording_run
     marks: list[float] = []
 
     class EpochClock(pl.Callback):

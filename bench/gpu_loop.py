@@ -9,11 +9,12 @@ Without a CUDA GPU (and without --cpu-smoke) it prints why and exits 0 without m
 
 Both parts train a ``PolicyModule`` (NFT loss, AdamW, grad-norm clip) with ``Trainer.fit`` (manual
 optimization, bf16-true, one device, as configs/trainer/gpu.yaml) on optimizer steps (``StepBatch``) built by
-the real stages from synthetic groups of random tokens: ``plan_steps`` -> ``build_steps`` ->
-``fill_old_logprobs``, handed over by a datamodule whose ``transfer_batch_to_device`` is the rollout
-datamodule's. The model is built as in bench/gpu_check.py (hidden 896, 24 layers, 14/2 heads, vocab 151936,
-tied output layer, 494M parameters; the builder is replicated, not imported: gpu_check.py imports hydra through
-loss_throughput.py, which the GPU machine may lack). A step is timed between consecutive
+the real stages from synthetic groups of random tokens: the iteration's plan phase (``plan_iteration``:
+``plan_steps`` -> ``build_steps``) and old-log-prob phase (``iteration_old_logprobs`` / ``fill_old_logprobs``),
+handed over by a datamodule whose ``transfer_batch_to_device`` is the rollout datamodule's. The model is
+built as in bench/gpu_check.py (hidden 896, 24 layers, 14/2 heads, vocab 151936, tied output layer, 494M
+parameters; the builder is replicated, not imported: gpu_check.py imports hydra through loss_throughput.py,
+which the GPU machine may lack). A step is timed between consecutive
 ``on_train_batch_end`` hooks, each after ``torch.cuda.synchronize()``, so data transfer, hooks and logging are
 inside it; every variant starts from the same initial weights, on a fresh module and Trainer.
 
@@ -59,7 +60,7 @@ import lightning.pytorch as pl
 import torch
 from common import median, meta, no_gpu_message, print_table, quiet_trainer, write_json
 
-from nft_lit.datamodule import _loader
+from nft_lit.datamodule import step_loader
 from nft_lit.iteration import Group
 from nft_lit.losses import NFTLoss
 from nft_lit.module import PolicyModule, response_logprobs_and_entropy
@@ -67,12 +68,10 @@ from nft_lit.steps import (
     LogprobGap,
     StepBatch,
     StepLayout,
-    build_steps,
     fill_old_logprobs,
-    forward_is_deterministic,
-    group_lengths,
+    iteration_old_logprobs,
     padding_fraction,
-    plan_steps,
+    plan_iteration,
 )
 
 
@@ -192,10 +191,9 @@ def long_tail_lengths(cfg: Config, rng: random.Random) -> list[list[int]]:
 
 
 def plan(groups: list[Group], num_answers: int, layout: StepLayout) -> list[StepBatch]:
-    """The rollout datamodule's planning on one rank (pad id 0, temperature 1)."""
+    """The iteration stage's plan phase (``plan_iteration``) on one rank (pad id 0, temperature 1)."""
     layout.check(len(groups), num_answers)
-    steps_plan = plan_steps(len(groups), num_answers, layout, world=1, lengths=group_lengths(groups))
-    return build_steps(groups, steps_plan, rank=0, num_answers=num_answers, pad_id=0, temperature=1.0)
+    return plan_iteration(groups, num_answers, layout, pad_id=0, temperature=1.0)[0]
 
 
 def step_counts(steps: list[StepBatch]) -> dict[str, float]:
@@ -217,7 +215,7 @@ class _Steps(pl.LightningDataModule):
         self.steps = steps
 
     def train_dataloader(self) -> Any:
-        return _loader(self.steps)
+        return step_loader(self.steps)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         return batch.to(device) if isinstance(batch, StepBatch) else batch
@@ -400,19 +398,15 @@ def run_budget_variant(
     model = module.model
     assert model is not None
     free(device)
-    # As RolloutDataModule.rollout: the first step's logπ_old from its training forward, the others' recomputed.
-    first_from_forward = forward_is_deterministic(model)
-    steps[0].old_logprobs_from_forward = first_from_forward
+    # The iteration stage's old-log-prob phase: the first step's logπ_old from its training forward (its gap
+    # then pending, handed to the module as RolloutDataModule does), the others' recomputed.
     gap = LogprobGap()
-    model.eval()
     sync(device)
     started = time.perf_counter()
-    fill_old_logprobs(steps, module.response_logprobs, device, gap)
+    first_from_forward = iteration_old_logprobs(steps, model, module.response_logprobs, device, gap)
     sync(device)
     old_seconds = time.perf_counter() - started
-    model.train()
-    if first_from_forward:
-        steps[0].pending_gap = gap
+    module.begin_iteration({}, gap if first_from_forward else None)
     old_peak = peak_gib(device)
     free(device)
     # One untimed warm-up step (the last step: its old log-probs are filled and it is never modified), then all.

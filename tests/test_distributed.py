@@ -22,7 +22,7 @@ from nft_lit.datamodule import ROLLOUT_TRAINER_SETTINGS
 from nft_lit.losses import NFTLoss
 from nft_lit.models import ModelSpec
 from nft_lit.module import PolicyModule
-from nft_lit.rollout import _full_state_dict
+from nft_lit.rollout.vllm_engine import _full_state_dict
 
 world, out, accelerator, strategy_name, precision, compile = int(sys.argv[1]), sys.argv[2], *sys.argv[4:8]
 

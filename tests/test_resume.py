@@ -39,19 +39,19 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
 
     # "Kill" the run as iteration 3 starts generating: no checkpoint is written on the way out, so the
     # resume starts from the last.ckpt written at the end of iteration 2, as after a SIGKILL.
-    from nft_lit.datamodule import RolloutDataModule
+    from nft_lit.driver import RolloutIteration
 
-    original = RolloutDataModule.rollout
+    original = RolloutIteration.run
 
-    def dying_rollout(self, *args, **kwargs):
-        if self.iteration == 2:
+    def dying_run(self, model, logprob_fn, device, iteration):
+        if iteration == 2:
             raise _Killed
-        return original(self, *args, **kwargs)
+        return original(self, model, logprob_fn, device, iteration)
 
-    monkeypatch.setattr(RolloutDataModule, "rollout", dying_rollout)
+    monkeypatch.setattr(RolloutIteration, "run", dying_run)
     with pytest.raises(_Killed):
         _run(part, "iterations=4")
-    monkeypatch.setattr(RolloutDataModule, "rollout", original)
+    monkeypatch.setattr(RolloutIteration, "run", original)
     mid = _state(part)
     dm_key = next(k for k in mid if "RolloutDataModule" in k)
     assert mid[dm_key]["iteration"] == 1 and mid["global_step"] == 4

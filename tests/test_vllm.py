@@ -21,7 +21,6 @@ import pytest
 import torch
 from _rollout_fakes import PARITY_OVERRIDES, padded_logprobs
 
-from nft_lit import rollout
 from nft_lit.models import build_char_tokenizer, save_hf_folder, tiny_causal_lm
 from nft_lit.rollout import (
     LogprobGapError,
@@ -31,6 +30,7 @@ from nft_lit.rollout import (
     check_logprob_gap,
     folder_dtype,
     logprob_gap,
+    vllm_engine,
 )
 
 ALPHABET = "0123456789+="
@@ -208,13 +208,17 @@ def test_tied_embeddings_synced(engine, prompts, monkeypatch):
     perturb(model, scale=0.5, only="model.embed_tokens.weight")
     sampling = SamplingParams(max_new_tokens=10, seed=3)
 
-    full = rollout._full_state_dict
-    monkeypatch.setattr(rollout, "_full_state_dict", lambda m: ((k, v) for k, v in full(m) if k != "lm_head.weight"))
+    full = vllm_engine._full_state_dict
+
+    def without_lm_head_weight(m):
+        return ((k, v) for k, v in full(m) if k != "lm_head.weight")
+
+    monkeypatch.setattr(vllm_engine, "_full_state_dict", without_lm_head_weight)
     engine.sync_weights(model)
     without_lm_head = engine.generate(prompts, 4, sampling)
     assert max_abs_diff(without_lm_head, model, prompts, 1.0) > 1e-2  # vLLM kept the old output layer
 
-    monkeypatch.setattr(rollout, "_full_state_dict", full)
+    monkeypatch.setattr(vllm_engine, "_full_state_dict", full)
     engine.sync_weights(model)
     synced = engine.generate(prompts, 4, sampling)
     assert max_abs_diff(synced, model, prompts, 1.0) <= 1e-4
@@ -258,12 +262,12 @@ def test_explicit_dtype_is_kept(model_folder, prompts, capfd, caplog):
     assert eng.dtype == torch.bfloat16
     model = fresh_model()
     capfd.readouterr()
-    with caplog.at_level(logging.WARNING, logger="nft_lit.rollout"):
+    with caplog.at_level(logging.WARNING, logger="nft_lit.rollout.vllm_engine"):
         for _ in range(2):
             eng.sync_weights(model)
     out, err = capfd.readouterr()
     assert vllm_dtype_warnings(out + err) == []
-    ours = [r.getMessage() for r in caplog.records if r.name == "nft_lit.rollout"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "nft_lit.rollout.vllm_engine"]
     assert len(ours) == 1 and "runs in bfloat16 but the policy is float32" in ours[0]
     batch = eng.generate(prompts, 4, SamplingParams(max_new_tokens=10, seed=8))
     gap = logprob_gap(*padded_logprobs(batch, model, prompts, 1.0))

@@ -243,7 +243,7 @@ def _config_node(group: str, name_or_path: str) -> Any:
     """``configs/<group>/<name>.yaml`` or a yaml file path, loaded with OmegaConf."""
     from omegaconf import OmegaConf
 
-    from nft_lit.cli import CONFIG_DIR
+    from nft_lit.compose import CONFIG_DIR
 
     path = Path(name_or_path)
     if not path.is_file():

@@ -14,12 +14,18 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from nft_lit.evaluation import Evaluation
+from nft_lit.metrics import SECONDS_EVAL, val_metric
 
 log = logging.getLogger(__name__)
 
 
 class PhaseProgressBar(TQDMProgressBar):
-    """TQDM bar whose description shows the iteration's phase (sync / generate / plan / old-logprobs / train)."""
+    """TQDM bar whose description shows the iteration's phase (sync / generate / plan / old-logprobs / train).
+
+    The data-side phases reach it through the iteration stage's phase hook: the front end that builds both
+    hands over ``set_phase`` (``RolloutDataModule(on_phase=bar.set_phase)`` or ``datamodule.on_phase =
+    bar.set_phase``); "train" it sets itself at each epoch start.
+    """
 
     def set_phase(self, phase: str) -> None:
         bar = self._train_progress_bar
@@ -51,13 +57,13 @@ class HeldOutEvaluation(pl.Callback):
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
         results = self.evaluation.run(pl_module.model)
-        results["seconds/eval"] = time.perf_counter() - started
+        results[SECONDS_EVAL] = time.perf_counter() - started
         self.history.append({"step": float(trainer.global_step), **results})
         # Straight to the loggers at the current global step rather than through self.log(on_epoch=True):
         # Lightning would average the at-start evaluation with the end of iteration 0 into one point, and
         # the untrained policy's accuracy would never appear on its own. The results are already reduced
         # over ranks, so rank 0 writes them.
-        metrics = {k if k.startswith("seconds/") else f"val/{k}": v for k, v in results.items()}
+        metrics = {k if k == SECONDS_EVAL else val_metric(k): v for k, v in results.items()}
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})  # for callbacks/tests
         if trainer.is_global_zero:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if "avg@" in k or "pass@" in k)

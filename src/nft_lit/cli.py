@@ -110,13 +110,14 @@ def _run_hydra(argv: list[str], task: Any, command: str) -> int:
         print(_HELP.format(command=command, extra=_HELP_EXTRA[command]))
         return 0
 
-    from nft_lit.launch import PREEMPTED_EXIT, LaunchError, Preempted, launch_overrides
+    from nft_lit.launch import PREEMPTED_EXIT, LaunchError, Preempted, check_command_line, launch_overrides
     from nft_lit.models import ModelFolderError
     from nft_lit.prompts import PromptEncodingError
     from nft_lit.runs import RunError
 
     bad_input = (ConfigError, LaunchError, RunError, ModelFolderError, PromptEncodingError)
     try:
+        check_command_line(argv, _train_config_keys())
         argv = [*argv, *launch_overrides(argv)]
     except LaunchError as e:
         if _is_rank_zero():  # every rank fails the same way: one line, not one per rank
@@ -146,6 +147,15 @@ def _run_hydra(argv: list[str], task: Any, command: str) -> int:
         config_name="train",
     )
     return 0
+
+
+def _train_config_keys() -> set[str]:
+    """Top-level keys and config groups of configs/train.yaml (what a ``+key=value`` may add)."""
+    from omegaconf import OmegaConf
+
+    train = OmegaConf.load(CONFIG_DIR / "train.yaml")
+    groups = {next(iter(d)) for d in train.defaults if isinstance(d, dict) or hasattr(d, "keys")}
+    return set(train.keys()) | {str(g) for g in groups}
 
 
 def _save_run_config(cfg: Any) -> None:
@@ -235,7 +245,7 @@ def run_fit(cfg: Any) -> dict[str, float]:
     lock = RunLock(cfg.run_dir) if _is_rank_zero() else contextlib.nullcontext()
     with lock:
         _save_run_config(cfg)
-        trainer = build_trainer(cfg, evaluation, keep_csv_up_to_step=resume_step)
+        trainer = build_trainer(cfg, evaluation, keep_csv_up_to_step=resume_step, datamodule=datamodule)
         for logger in trainer.loggers:  # the resolved config, searchable in TensorBoard's HPARAMS tab
             logger.log_hyperparams(module.run_config)
         try:

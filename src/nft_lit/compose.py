@@ -76,11 +76,31 @@ def check_config(cfg: Any) -> None:
         raise ConfigError("model: no model selected; pass model=<name> (configs/model) or an experiment")
     if cfg.get("rollout") is None:
         raise ConfigError("rollout: no rollout engine selected; pass rollout=<name> (configs/rollout)")
+    check_run_options(cfg)
     try:
         check_tensor_parallel_size(cfg.rollout.get("tensor_parallel_size", 1))
         check_launch(cfg.trainer)
     except (LaunchError, ValueError) as e:
         raise ConfigError(str(e)) from e
+
+
+def _require_int(value: Any, option: str, minimum: int | None, nullable: bool = False) -> None:
+    if nullable and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        expected = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or null" if nullable else "")
+        raise ConfigError(f"{option}={value!r}: expected {expected}")
+
+
+def check_run_options(cfg: Any) -> None:
+    """The run's own top-level options and the evaluation cadence, each named when it cannot work."""
+    _require_int(cfg.get("seed"), "seed", None)
+    _require_int(cfg.get("iterations"), "iterations", 1)
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is not None and not str(ckpt).strip():
+        raise ConfigError("ckpt_path is empty: pass ckpt_path=last, ckpt_path=auto or a checkpoint file (or omit it)")
+    _require_int(cfg.eval.get("every_n_iterations"), "eval.every_n_iterations", 1)
+    _require_int(cfg.eval.get("num_samples"), "eval.num_samples", 1, nullable=True)
 
 
 # ---------------------------------------------------------------------------------------------- rollouts
@@ -222,11 +242,23 @@ def build_loggers(cfg: Any, keep_csv_up_to_step: int = -1) -> list[Any]:
     return loggers
 
 
-def build_trainer(cfg: Any, evaluation: Any | None = None, keep_csv_up_to_step: int = -1, **overrides: Any) -> Any:
+def build_trainer(
+    cfg: Any,
+    evaluation: Any | None = None,
+    keep_csv_up_to_step: int = -1,
+    datamodule: Any | None = None,
+    **overrides: Any,
+) -> Any:
+    """The ``trainer`` node with the run's callbacks and loggers; the progress bar shows ``datamodule``'s
+    rollout phases (sync, generate, ...) through the iteration stage's phase hook."""
     from hydra.utils import instantiate
+
+    from nft_lit.callbacks import PhaseProgressBar
 
     callbacks = build_callbacks(cfg, evaluation)
     loggers = build_loggers(cfg, keep_csv_up_to_step)
+    if datamodule is not None:
+        datamodule.on_phase = next(c for c in callbacks if isinstance(c, PhaseProgressBar)).set_phase
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **overrides)
 
 
@@ -240,6 +272,8 @@ def load_policy(ckpt_path: str) -> tuple[Any, Any]:
 
     from nft_lit.runs import read_checkpoint, resolve_checkpoint
 
+    if not ckpt_path.strip():
+        raise ConfigError("ckpt_path is empty: pass the checkpoint file (or sharded folder) to load")
     path = resolve_checkpoint(ckpt_path, ".")
     ckpt = read_checkpoint(path, weights=True)
     if "nft_lit_config" not in ckpt:

@@ -8,6 +8,7 @@ information for a run of this package are dropped.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 
@@ -15,8 +16,21 @@ def _no_advertising(record: logging.LogRecord) -> bool:
     return "💡 Tip:" not in record.getMessage()
 
 
+def _not_vllm_chatter(record: logging.LogRecord) -> bool:
+    """vLLM's INFO and WARNING lines (engine start-up, every weight sync's reload, CPU thread binding) are for
+    the run's log file; its errors still reach the console."""
+    return not (record.name.startswith("vllm") and record.levelno < logging.ERROR)
+
+
 def quiet_lightning() -> None:
-    """Route Lightning's log lines through the root handler only and silence what needs no action."""
+    """Route Lightning's and vLLM's log lines through the root handlers only (Hydra's console and the run's log
+    file), keep vLLM's below errors off the console, and silence what needs no action."""
+    # vLLM installs its own stdout handler at import unless told not to; then its records reach the root
+    # handlers like everyone else's (the engine is imported later, lazily).
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and _not_vllm_chatter not in handler.filters:
+            handler.addFilter(_not_vllm_chatter)
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers = [h for h in logger.handlers if type(h) is not logging.StreamHandler]
@@ -27,3 +41,5 @@ def quiet_lightning() -> None:
     # Epoch-level rollout/held-out metrics are computed from data gathered over all ranks: identical everywhere,
     # so syncing them (what this warning recommends, under cpu_fsdp2 20 times a run) would change nothing.
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
+    # last.ckpt is rewritten after every iteration on purpose, and a resume continues in its own folder.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")

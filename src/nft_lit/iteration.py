@@ -5,7 +5,7 @@
     -> Group per prompt -> keep mixed groups (dynamic sampling) -> steps.py (plan, batch, old log-probs)
 
 ``collect_groups`` runs generation rounds until ``prompts_per_step`` groups are kept. Nothing here knows
-about Lightning: the DataModule hands these stages their inputs.
+about Lightning: the iteration stage (``driver.RolloutIteration``) hands these stages their inputs.
 
 Determinism (exact resume): prompts come from a per-pass permutation seeded by ``seed`` and read at a cursor
 (``PromptStream.state_dict``); the generation seed of round ``r`` of iteration ``i`` on rank ``k`` is derived
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from nft_lit import metrics as m
 from nft_lit.distributed import all_gather_objects, derive_seed, rank_and_world
 from nft_lit.losses import PolicyLoss
 from nft_lit.reward import overlong_penalty
@@ -268,29 +269,29 @@ def collect_groups(
 def rollout_statistics(
     seen: list[Group], kept: list[Group], rounds: int, totals: dict[str, float], num_answers: int
 ) -> dict[str, float]:
-    """What an iteration logs of its rounds, under the logged names: ``rollout/*`` (rewards and pass rate of
-    every generated answer, the kept share, lengths and truncation, generation/verification speed) and
-    ``seconds/*`` (generate; verify = busy time of the verifier; verify_wait = the part generation did not
-    hide; filter)."""
+    """What an iteration logs of its rounds, under the logged names (``metrics.py``): ``rollout/*`` (rewards
+    and pass rate of every generated answer, the kept share, lengths and truncation, generation/verification
+    speed) and ``seconds/*`` (generate; verify = busy time of the verifier; verify_wait = the part generation
+    did not hide; filter)."""
     lengths = [len(r) for g in seen for r in g.response_ids]
     correct = [c for g in seen for c in g.correct]
     stats: dict[str, Any] = {
-        "rollout/reward_mean": sum(r for g in seen for r in g.rewards) / len(lengths),
-        "rollout/pass_rate": sum(correct) / len(correct),
-        "rollout/kept_group_fraction": sum(1 for g in seen if g.mixed) / len(seen),
-        "rollout/kept_groups": float(len(kept)),
-        "rollout/all_correct_fraction": sum(1 for g in seen if g.pass_rate == 1.0) / len(seen),
-        "rollout/gen_rounds": float(rounds),
-        "rollout/response_length_mean": sum(lengths) / len(lengths),
-        "rollout/response_length_max": float(max(lengths)),
-        "rollout/truncation_rate": sum(t for g in seen for t in g.truncated) / len(lengths),
-        "rollout/gen_tokens_per_second": totals["gen_tokens"] / max(totals["generate"], 1e-9),
-        "rollout/verify_answers_per_second": len(lengths) / max(totals["verify"], 1e-9),
-        "seconds/generate": totals["generate"],
-        "seconds/verify": totals["verify"],
-        "seconds/verify_wait": totals["verify_wait"],
-        "seconds/filter": totals["filter"],
+        m.REWARD_MEAN: sum(r for g in seen for r in g.rewards) / len(lengths),
+        m.PASS_RATE: sum(correct) / len(correct),
+        m.KEPT_GROUP_FRACTION: sum(1 for g in seen if g.mixed) / len(seen),
+        m.KEPT_GROUPS: float(len(kept)),
+        m.ALL_CORRECT_FRACTION: sum(1 for g in seen if g.pass_rate == 1.0) / len(seen),
+        m.GEN_ROUNDS: float(rounds),
+        m.RESPONSE_LENGTH_MEAN: sum(lengths) / len(lengths),
+        m.RESPONSE_LENGTH_MAX: float(max(lengths)),
+        m.TRUNCATION_RATE: sum(t for g in seen for t in g.truncated) / len(lengths),
+        m.GEN_TOKENS_PER_SECOND: totals["gen_tokens"] / max(totals["generate"], 1e-9),
+        m.VERIFY_ANSWERS_PER_SECOND: len(lengths) / max(totals["verify"], 1e-9),
+        m.SECONDS_GENERATE: totals["generate"],
+        m.SECONDS_VERIFY: totals["verify"],
+        m.SECONDS_VERIFY_WAIT: totals["verify_wait"],
+        m.SECONDS_FILTER: totals["filter"],
     }
     if kept:
-        stats["rollout/kept_reward_mean"] = sum(r for g in kept for r in g.rewards) / (len(kept) * num_answers)
+        stats[m.KEPT_REWARD_MEAN] = sum(r for g in kept for r in g.rewards) / (len(kept) * num_answers)
     return stats

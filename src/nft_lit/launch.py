@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from pathlib import Path
 from typing import Any
 
 
@@ -155,3 +156,23 @@ def preempted_message(run_dir: str, iterations: int, overrides: list[str]) -> st
         f"stopped by SIGTERM; {path} holds iteration {done} of {iterations} (complete). Resume with: "
         + resume_command(overrides, str(run_dir))
     )
+
+
+def check_command_line(argv: list[str], known: set[str]) -> None:
+    """Refuse, before Hydra touches anything, what would otherwise be accepted and ignored or fail with a
+    traceback: a new top-level key (``+iteration=3``: Hydra's own hint for a typo adds a key nothing reads;
+    ``known`` are configs/train.yaml's keys and groups), and a run folder this process cannot write."""
+    import difflib
+
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        name = key.lstrip("+~")
+        if sep and key.startswith("+") and "." not in name and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}={value}?" if close else ""
+            raise LaunchError(f"{name}: not an option of configs/train.yaml, nothing would read it{hint}")
+        if sep and name == "hydra.run.dir":
+            folder = Path(value).expanduser()
+            existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+            if not os.access(existing, os.W_OK):
+                raise LaunchError(f"hydra.run.dir={value}: {existing} is not writable; choose another folder")

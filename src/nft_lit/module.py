@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,8 +24,26 @@ from torch import Tensor, nn
 from nft_lit.distributed import all_gather_objects
 from nft_lit.evaluation import Evaluation
 from nft_lit.losses import PolicyLoss, Reduction, StepMetrics
+from nft_lit.metrics import (
+    BAR_LOSS,
+    BAR_REWARD,
+    BAR_SECONDS_PER_ITERATION,
+    ENTROPY,
+    GRAD_NORM,
+    ITERATION,
+    LEARNING_RATE,
+    LOGPROB_GAP,
+    REWARD_MEAN,
+    SECONDS_ITERATION,
+    SECONDS_ROLLOUT,
+    SECONDS_TRAIN,
+    TRAIN_LOSS,
+    TRAIN_TOKENS_PER_SECOND,
+    train_metric,
+    val_metric,
+)
 from nft_lit.models import ModelSpec, load_model
-from nft_lit.steps import MicroBatch, StepBatch
+from nft_lit.steps import LogprobGap, MicroBatch, StepBatch
 
 
 def response_logprobs_and_entropy(
@@ -79,6 +98,27 @@ def adamw_with_warmup(
         optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def apply_fsdp2(models: list[nn.Module], dp_mesh: Any, reshard_after_forward: bool) -> None:
+    """FSDP2 (``fully_shard``) of each model over the data-parallel mesh: each decoder layer, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for model in models:
+        layers = decoder_layer_classes(model)
+        for sub in model.modules():
+            if type(sub) in layers:
+                fully_shard(sub, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+
+
+def loss_metric_keys(metrics: StepMetrics) -> tuple[list[str], list[str], dict[str, Reduction]]:
+    """The loss's metric names (summed ones, extreme ones) in one order on every rank, and their reductions
+    (a collective). A rank whose micro-batches were all padding has none, so they are gathered from all ranks."""
+    gathered = all_gather_objects(metrics.reductions)
+    how = {k: v for part in gathered for k, v in part.items()}
+    sums = sorted(k for k, v in how.items() if v in ("sum", "token_mean"))
+    return sums, sorted(k for k in how if k not in sums), how
 
 
 class PolicyModule(pl.LightningModule):
@@ -147,7 +187,10 @@ class PolicyModule(pl.LightningModule):
         self._train_tokens = 0.0
         self._train_seconds = 0.0
         self._metric_keys: tuple[list[str], list[str], dict[str, Reduction]] | None = None
+        # The running iteration's data-side metrics and pending log-prob gap (``begin_iteration``).
         self._rollout_stats: dict[str, float] = {}
+        self._pending_gap: LogprobGap | None = None
+        self._reward_to_show: float | None = None
         if self.model is not None:
             self._make_reference()
 
@@ -176,20 +219,9 @@ class PolicyModule(pl.LightningModule):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None and not getattr(self, "_fsdp2_applied", False):
-            self._apply_fsdp2(mesh)
-
-    def _apply_fsdp2(self, mesh: Any) -> None:
-        """FSDP2 (``fully_shard``) over the data-parallel mesh: each decoder layer, then the root."""
-        from torch.distributed.fsdp import fully_shard
-
-        dp_mesh = mesh["data_parallel"]
-        for model in (m for m in (self.model, self.ref_model) if m is not None):
-            layers = decoder_layer_classes(model)
-            for sub in model.modules():
-                if type(sub) in layers:
-                    fully_shard(sub, mesh=dp_mesh, reshard_after_forward=self.fsdp_reshard_after_forward)
-            fully_shard(model, mesh=dp_mesh, reshard_after_forward=self.fsdp_reshard_after_forward)
-        self._fsdp2_applied = True
+            models = [m for m in (self.model, self.ref_model) if m is not None]
+            apply_fsdp2(models, mesh["data_parallel"], self.fsdp_reshard_after_forward)
+            self._fsdp2_applied = True
 
     def response_logprobs(
         self, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, temperature: float
@@ -218,6 +250,19 @@ class PolicyModule(pl.LightningModule):
             checkpoint["nft_lit_config"] = self.run_config
 
     # ------------------------------------------------------------------ training
+    def begin_iteration(self, stats: Mapping[str, float], pending_gap: LogprobGap | None = None) -> None:
+        """A rollout iteration's data side (``driver.IterationResult``), handed over on every rank before the
+        iteration's first ``training_step`` by the adapter that ran it (``RolloutDataModule.train_dataloader``).
+
+        ``stats`` (``rollout/*``, ``seconds/*``, the same on every rank) are logged with the module's own at the
+        iteration's end (``on_train_epoch_end``); ``rollout/reward_mean`` also shows on the progress bar.
+        ``pending_gap``: the engine/trainer log-prob gap still lacking the first step's tokens; the step marked
+        ``old_logprobs_from_forward`` adds them from its training forward, then finishes it (a collective;
+        ``LogprobGapError`` stops a broken sync before the update) and logs ``rollout/logprob_gap``."""
+        self._rollout_stats = dict(stats)
+        self._pending_gap = pending_gap
+        self._reward_to_show = stats.get(REWARD_MEAN)
+
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
         self._train_tokens = 0.0
@@ -235,7 +280,7 @@ class PolicyModule(pl.LightningModule):
             return logprobs.new_zeros(()), logprobs.new_zeros(()), logprobs.new_zeros(())
         batch = mb.loss_batch
         if step.old_logprobs_from_forward:  # no update since the rollout: R_t = 1, the gradient of logπ_θ
-            step.take_old_logprobs(mb, logprobs)
+            step.take_old_logprobs(mb, logprobs, self._pending_gap)
         if self.ref_model is not None:
             with torch.no_grad():
                 ref = self._logprobs_fn(self.ref_model, mb.input_ids, mb.attention_mask, mb.prompt_len, temperature)[0]
@@ -247,9 +292,9 @@ class PolicyModule(pl.LightningModule):
         return out.loss.detach(), (entropy.detach() * mask).sum(), tokens
 
     def training_step(self, batch: StepBatch, batch_idx: int) -> Tensor | None:
-        self._rollout_stats.update(batch.rollout_stats)
-        if "rollout/reward_mean" in batch.rollout_stats:  # the progress bar's view of the iteration
-            self.log("reward", batch.rollout_stats["rollout/reward_mean"], prog_bar=True, logger=False, batch_size=1)
+        if self._reward_to_show is not None:  # the progress bar's view of the iteration, once per iteration
+            self.log(BAR_REWARD, self._reward_to_show, prog_bar=True, logger=False, batch_size=1)
+            self._reward_to_show = None
         if not batch.micro_batches:
             return None  # an iteration that kept no group (identical on every rank): no update
         started = time.perf_counter()
@@ -266,12 +311,14 @@ class PolicyModule(pl.LightningModule):
             entropy_sum += ent
             tokens += n
         # Before the update: a broken weight sync stops the run here.
-        if (gap := batch.finish_pending_gap()) is not None:
-            self._rollout_stats["rollout/logprob_gap"] = gap
+        if batch.old_logprobs_from_forward and (gap := self._finish_pending_gap()) is not None:
+            self._rollout_stats[LOGPROB_GAP] = gap
         grad_norm = self._clip_gradients()
         optimizer.step()
         scheduler.step()
-        sum_keys, high_keys, how = self._loss_metric_keys(metrics)
+        # The loss's metric names are fixed by the loss: gathered over ranks at the first step only.
+        self._metric_keys = self._metric_keys or loss_metric_keys(metrics)
+        sum_keys, high_keys, how = self._metric_keys
         # Each rank's loss is its share of the step's normalised loss: the step loss is their sum.
         reduce = self.trainer.strategy.reduce
         stacked = torch.stack([step_loss, entropy_sum, tokens, *(metrics.sums.get(k, zero) for k in sum_keys)])
@@ -279,52 +326,47 @@ class PolicyModule(pl.LightningModule):
         self._train_tokens += float(totals[2])
         all_tokens = totals[2].clamp(min=1.0)
         logs = {
-            "train/loss": totals[0],
-            "train/entropy": totals[1] / all_tokens,
-            "train/grad_norm": grad_norm,
-            "train/lr": torch.tensor(scheduler.get_last_lr()[0]),
+            TRAIN_LOSS: totals[0],
+            ENTROPY: totals[1] / all_tokens,
+            GRAD_NORM: grad_norm,
+            LEARNING_RATE: torch.tensor(scheduler.get_last_lr()[0]),
         }
         for i, k in enumerate(sum_keys):
-            logs[f"train/{k}"] = totals[3 + i] if how[k] == "sum" else totals[3 + i] / all_tokens
+            logs[train_metric(k)] = totals[3 + i] if how[k] == "sum" else totals[3 + i] / all_tokens
         if high_keys:
             high = reduce(torch.stack([metrics.highs.get(k, zero - math.inf) for k in high_keys]), reduce_op="max")
-            logs.update({f"train/{k}": -high[i] if how[k] == "min" else high[i] for i, k in enumerate(high_keys)})
+            logs.update({train_metric(k): -high[i] if how[k] == "min" else high[i] for i, k in enumerate(high_keys)})
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, sync_dist=False)
-        self.log("loss", totals[0], prog_bar=True, on_step=True, on_epoch=False)
+        self.log(BAR_LOSS, totals[0], prog_bar=True, on_step=True, on_epoch=False)
         self._train_seconds += time.perf_counter() - started
         return totals[0]
 
-    def _loss_metric_keys(self, metrics: StepMetrics) -> tuple[list[str], list[str], dict[str, Reduction]]:
-        """The loss's metric names (summed ones, extreme ones) in one order on every rank, and their reductions.
-        A rank whose micro-batches were all padding has none, so the first step gathers them from all ranks;
-        they are fixed by the loss, so once is enough."""
-        if self._metric_keys is None:
-            gathered = all_gather_objects(metrics.reductions)
-            how = {k: v for part in gathered for k, v in part.items()}
-            sums = sorted(k for k, v in how.items() if v in ("sum", "token_mean"))
-            self._metric_keys = (sums, sorted(k for k in how if k not in sums), how)
-        return self._metric_keys
+    def _finish_pending_gap(self) -> float | None:
+        """The iteration's engine/trainer gap once the first step's forwards are in (a collective; None when
+        nothing is pending or no token was measured)."""
+        gap, self._pending_gap = self._pending_gap, None
+        return None if gap is None else gap.finish()
 
     # ------------------------------------------------------------------ validation (trainer.validate)
     def validation_step(self, evaluation: Evaluation, batch_idx: int) -> None:
         """The datamodule's ``Evaluation`` of its ``val_benchmarks`` on this policy (results summed over ranks)."""
         results = evaluation.run(self.model)
-        logs = {f"val/{k}": v for k, v in results.items()}
+        logs = {val_metric(k): v for k, v in results.items()}
         self.log_dict(logs, on_step=False, on_epoch=True, rank_zero_only=True, batch_size=1)
 
     def on_train_epoch_end(self) -> None:
         # Runs after the callbacks' epoch-end hooks (held-out evaluation, checkpoint), so the iteration's
         # wall time includes them; its data side ran before on_train_epoch_start (seconds/rollout).
         stats, self._rollout_stats = self._rollout_stats, {}
-        iteration = stats.get("seconds/rollout", 0.0) + time.perf_counter() - self._epoch_start
+        iteration = stats.get(SECONDS_ROLLOUT, 0.0) + time.perf_counter() - self._epoch_start
         logs = {
             **stats,
-            "seconds/train": self._train_seconds,
-            "seconds/iteration": iteration,
-            "train/tokens_per_second": self._train_tokens / max(self._train_seconds, 1e-9),
-            "iteration": float(self.current_epoch),
+            SECONDS_TRAIN: self._train_seconds,
+            SECONDS_ITERATION: iteration,
+            TRAIN_TOKENS_PER_SECOND: self._train_tokens / max(self._train_seconds, 1e-9),
+            ITERATION: float(self.current_epoch),
         }
         # Rollout statistics are computed from the data gathered over all ranks: identical everywhere.
         self.log_dict(logs, on_step=False, on_epoch=True, rank_zero_only=True)
         # The progress bar's view of where the time went (seconds/* are in every logger).
-        self.log("s/it", iteration, prog_bar=True, logger=False, rank_zero_only=True)
+        self.log(BAR_SECONDS_PER_ITERATION, iteration, prog_bar=True, logger=False, rank_zero_only=True)

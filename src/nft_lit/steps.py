@@ -11,18 +11,21 @@ similar length packed up to a token budget, as verl's dynamic batch size.
 The first optimizer step of an iteration is exactly on-policy (no update has happened since the rollout), so
 its old log-probs are the training forward's own, detached (``StepBatch.old_logprobs_from_forward``): the
 old-log-prob pass only runs for the later steps.
+
+``plan_iteration`` and ``iteration_old_logprobs`` are an iteration's plan and old-log-prob phases, as the
+iteration stage (``driver.RolloutIteration``) runs them; benchmarks call them on synthetic groups.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from nft_lit.distributed import all_gather_objects
+from nft_lit.distributed import all_gather_objects, rank_and_world
 from nft_lit.iteration import Group
 from nft_lit.losses import LossBatch, group_stats
 from nft_lit.rollout import check_logprob_gap, logprob_gap, pad_left, pad_right
@@ -104,33 +107,26 @@ class StepBatch:
 
     ``temperature`` is the sampling temperature of its answers: log-probs are ``log_softmax(logits / T)``
     for the old-log-prob pass and for training alike, so the rollout's sampling parameters are the one
-    source of it. ``rollout_stats`` (first step of an iteration only) are the iteration's data-side metrics
-    under their logged names (``rollout/*``, ``seconds/*``), handed to the module for logging.
+    source of it. The iteration's statistics and its pending log-prob gap do not ride in the steps: the
+    iteration stage returns them beside the steps (``driver.IterationResult``).
     """
 
     micro_batches: list[MicroBatch]
     temperature: float = 1.0
-    rollout_stats: dict[str, float] = field(default_factory=dict)
-    # The first step of an iteration: logπ_old = the training forward's log-probs, detached, and the engine gap
-    # of the iteration is finished by the module once this step's forwards have added theirs.
+    # The first step of an iteration: logπ_old = the training forward's log-probs, detached (exact: no update
+    # has happened since the rollout); the forward adds its engine gap (``take_old_logprobs``).
     old_logprobs_from_forward: bool = False
-    pending_gap: LogprobGap | None = None
 
     def to(self, device: torch.device | str) -> StepBatch:
         return replace(self, micro_batches=[mb.to(device) for mb in self.micro_batches])
 
-    def take_old_logprobs(self, mb: MicroBatch, logprobs: torch.Tensor) -> None:
-        """logπ_old of ``mb`` = its training forward's ``logprobs`` (detached); their engine gap is recorded."""
+    def take_old_logprobs(self, mb: MicroBatch, logprobs: torch.Tensor, gap: LogprobGap | None = None) -> None:
+        """logπ_old of ``mb`` = its training forward's ``logprobs`` (detached); their engine gap is added to
+        ``gap`` (the iteration's pending one) when given."""
         mask = mb.loss_batch.response_mask
         mb.loss_batch.old_logprobs = logprobs.detach() * mask
-        if self.pending_gap is not None:
-            self.pending_gap.add(mb.engine_logprobs, logprobs, mask)
-
-    def finish_pending_gap(self) -> float | None:
-        """The iteration's engine/trainer gap once this step's forwards are in (a collective; None when there
-        is nothing pending or no token was measured)."""
-        gap, self.pending_gap = self.pending_gap, None
-        return None if gap is None else gap.finish()
+        if gap is not None:
+            gap.add(mb.engine_logprobs, logprobs, mask)
 
 
 @dataclass(frozen=True)
@@ -338,6 +334,22 @@ def build_steps(
     return steps
 
 
+def plan_iteration(
+    groups: list[Group], num_answers: int, layout: StepLayout, pad_id: int, temperature: float
+) -> tuple[list[StepBatch], float | None]:
+    """The plan phase of an iteration: this rank's optimizer steps of the kept ``groups`` (``plan_steps`` over
+    every rank, then ``build_steps``) and their padding fraction averaged over the ranks that computed one
+    (None when none did). No group: one empty step, which the module skips (an empty epoch would end ``fit``).
+    Every rank calls it (a collective)."""
+    if not groups:
+        return [StepBatch([], temperature=temperature)], None
+    rank, world = rank_and_world()
+    plan = plan_steps(len(groups), num_answers, layout, world, group_lengths(groups))
+    steps = build_steps(groups, plan, rank, num_answers, pad_id, temperature)
+    measured = [p for p in all_gather_objects(padding_fraction(steps)) if p is not None]
+    return steps, (sum(measured) / len(measured) if measured else None)
+
+
 def padding_fraction(steps: Sequence[StepBatch]) -> float | None:
     """Padded share of the token positions the forwards compute (prompt and response padding, this rank's
     real micro-batches); None when there are none."""
@@ -385,3 +397,31 @@ def fill_old_logprobs(
             mb.loss_batch.old_logprobs = lp * mask
             gap.add(mb.engine_logprobs, lp, mask)
     return gap
+
+
+def iteration_old_logprobs(
+    steps: list[StepBatch],
+    model: nn.Module,
+    logprob_fn: LogprobFn,
+    device: torch.device | str,
+    gap: LogprobGap,
+    first_from_forward: bool = True,
+) -> bool:
+    """The old-log-prob phase of an iteration: logπ_old of every step, their engine gap added to ``gap``.
+
+    The first step takes its own from its training forward when ``first_from_forward`` allows it, it has
+    answers and the model has no dropout (``forward_is_deterministic``): it is marked
+    ``old_logprobs_from_forward`` and skipped here. The others are recomputed in eval mode (the model's mode is
+    restored). Returns whether the first step was marked: then ``gap`` still lacks that step's tokens, which its
+    training forward adds (``StepBatch.take_old_logprobs``) before the gap is finished; otherwise the caller
+    finishes it now. The same on every rank (same plan, same model), so ``gap.finish`` stays in step.
+    """
+    first = first_from_forward and bool(steps[0].micro_batches) and forward_is_deterministic(model)
+    steps[0].old_logprobs_from_forward = first
+    was_training = model.training
+    model.eval()
+    try:
+        fill_old_logprobs(steps, logprob_fn, device, gap)
+    finally:
+        model.train(was_training)
+    return first
