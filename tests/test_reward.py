@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import re
+import signal
+import threading
 import time
+from concurrent.futures import TimeoutError as TaskTimeout
 
 import pytest
 from _data_marks import needs_data
@@ -127,15 +132,71 @@ def test_bomb_and_huge_response_time_out_and_the_pool_recovers(verifier):
     assert after.rewards == [1.0, 0.0]
 
 
+def _child_processes() -> set[int]:
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def test_close_leaves_no_processes():
+    others = _child_processes()  # the module's shared verifier may be running
     v = MathVerifier(num_workers=2, timeout_s=2.0)
     assert v.score([r"\boxed{\sqrt{4}}"], ["2"], [False]).rewards == [1.0]
-    processes = [w.process for w in v._workers]
-    assert len(processes) == 2 and all(p.poll() is None for p in processes)
+    workers = _child_processes() - others
+    assert len(workers) == 2
     v.close()
-    assert all(p.poll() is not None for p in processes)
+    assert all(_gone(pid) for pid in workers)
     with pytest.raises(RuntimeError, match="after close"):
         v.score([r"\boxed{\sqrt{4}}"], ["2"], [False])
+
+
+def test_a_worker_stuck_in_c_code_is_killed_at_the_deadline():
+    # sum() over a range loops in C without checking signals: neither math-verify's alarm nor pebble's Python-level
+    # SIGTERM handler (which would add pebble's 3 s grace before SIGKILL) can end it; the default action can.
+    with MathVerifier(num_workers=1, timeout_s=1.0) as v:
+        assert v.score([r"\boxed{\sqrt{4}}"], ["2"], [False]).rewards == [1.0]  # the worker is up
+        start = time.monotonic()
+        with pytest.raises(TaskTimeout):
+            v._start().schedule(sum, (range(10**11),), timeout=v.timeout_s).result()
+        assert time.monotonic() - start < 2.5
+        assert v.score([r"\boxed{\sqrt{4}}"], ["2"], [False]).rewards == [1.0]  # on the replacement
+
+
+def test_a_worker_that_dies_scores_zero_and_is_replaced():
+    others = _child_processes()
+    with MathVerifier(num_workers=1, timeout_s=30.0) as v:
+        assert v.score([r"\boxed{\sqrt{4}}"], ["2"], [False]).rewards == [1.0]
+        (worker,) = _child_processes() - others
+        killer = threading.Timer(1.0, os.kill, (worker, signal.SIGKILL))  # mid-check: the bomb takes minutes
+        killer.start()
+        result = v.score([r"\boxed{9^{9^{9^{9^{9^{9}}}}}}"], ["1"], [False])
+        killer.join()
+        assert result.rewards == [0.0] and result.stats["errors"] == 1 and result.stats["timeouts"] == 0
+        deadline = time.monotonic() + 10
+        while not _child_processes() - others and time.monotonic() < deadline:
+            time.sleep(0.05)  # pebble starts the replacement in the background
+        (worker,) = _child_processes() - others
+        os.kill(worker, signal.SIGKILL)  # while idle: pebble gives up on that pool and a new one is built
+        assert v.score([r"\boxed{\sqrt{4}}"], ["2"], [False]).rewards == [1.0]
+
+
+def test_workers_that_cannot_start_fail_loudly(tmp_path, monkeypatch):
+    (tmp_path / "math_verify.py").write_text("raise ImportError('a broken install')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get the parent's sys.path
+    with MathVerifier(num_workers=1, timeout_s=2.0) as v, pytest.raises(RuntimeError, match="import math_verify"):
+        v.score([r"\boxed{x^2}"], ["y"], [False])
+    (tmp_path / "math_verify.py").write_text("import time\ntime.sleep(60)\n")
+    with (
+        MathVerifier(num_workers=1, timeout_s=2.0, start_timeout_s=2.0) as v,
+        pytest.raises(RuntimeError, match="start_timeout_s"),
+    ):
+        v.score([r"\boxed{x^2}"], ["y"], [False])
 
 
 def test_score_rejects_bad_arguments(verifier):

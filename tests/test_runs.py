@@ -137,6 +137,38 @@ def test_run_lock_refuses_a_live_holder_and_clears_a_stale_one(tmp_path):
         pass
 
 
+def test_run_lock_held_by_a_killed_process_does_not_block(tmp_path):
+    code = f"import time\nfrom nft_lit.runs import RunLock\nlock = RunLock({str(tmp_path)!r})\nlock.__enter__()\n"
+    code += "print('held', flush=True)\ntime.sleep(120)\n"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(RunError, match=f"in use by another `nft-lit fit` \\(pid {holder.pid}\\)"),
+            RunLock(tmp_path),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (tmp_path / ".lock").read_text() == str(holder.pid)  # left behind by the kill, but no longer locked
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_run_lock_on_a_filesystem_without_flock_says_so(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(RunError, match="filesystem without flock"), RunLock(tmp_path):
+        pass
+
+
 def test_config_changes_name_each_differing_key():
     saved = {"algorithm": {"name": "nft", "loss": {"epsilon": 1.0}}, "seed": 0, "iterations": 5}
     new = {"algorithm": {"name": "nft", "loss": {"epsilon": 0.5}}, "seed": 0, "iterations": 50}

@@ -1,30 +1,30 @@
 """Binary verifiable rewards: answer extraction, math-verify in worker processes, exact match, overlong shaping.
 
 The reward is the whole supervision signal of NFT (paper Eq. 10 only sees r ∈ {0, 1}), so a verifier must
-neither hang nor crash a run: math-verify runs in separate worker processes (its own timeouts rely on
-``signal.alarm`` and therefore need each worker's main thread), and a per-answer wall-clock deadline in the
-parent kills and replaces a worker that is stuck in C code where no signal can reach it. A timed-out or
-crashed check scores 0 and is counted in ``VerifyResult.stats``.
+neither hang nor crash a run: math-verify runs in a ``pebble.ProcessPool`` of worker processes (its own timeouts
+rely on ``signal.alarm`` and therefore need each worker's main thread), and pebble's per-task wall-clock timeout
+kills and replaces a worker that is stuck in C code where no signal handler can run. A timed-out or crashed check
+scores 0 and is counted in ``VerifyResult.stats``.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import multiprocessing
 import re
 import signal
-import socket
-import subprocess
 import sys
 import time
 import weakref
-from collections import deque
+from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import TimeoutError as TaskTimeout
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
-from multiprocessing.connection import Connection, wait
-from pathlib import Path
 from typing import Any, Protocol
+
+from pebble import ProcessExpired, ProcessFuture, ProcessPool
 
 __all__ = [
     "ExactMatchVerifier",
@@ -39,8 +39,6 @@ __all__ = [
 # The DAPO/NFT template asks for a last line "Answer: $Answer"; markdown bold around the word is common.
 _ANSWER_LINE = re.compile(r"(?i)\banswer\**\s*:\**[ \t]*([^\n]*\S)")
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
-# Workers are fresh interpreters; make sure they import this very copy of the package.
-_SRC_DIR = str(Path(__file__).resolve().parents[1])
 
 
 @dataclass
@@ -255,86 +253,54 @@ class _TimeoutFlag(logging.Handler):
             self.fired = True
 
 
-def _worker_main(fd: int, soft_timeout_s: int) -> None:
-    """Worker loop: receive (pred, tail, gold), answer (status, correct). Runs in its own main thread."""
-    # Ctrl-C goes to the whole process group; the parent owns shutdown.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = Connection(fd)
-    from math_verify import parse, verify
+# State of a worker process, set by ``_init_worker`` before it takes its first task.
+_soft_timeout_s = 1
+_timeout_flag = _TimeoutFlag()
 
-    flag = _TimeoutFlag()
+
+def _init_worker(soft_timeout_s: int) -> None:
+    """Pool initializer: imports math-verify before any task's deadline starts and routes its timeout warnings."""
+    global _soft_timeout_s
+    # pebble exits a worker on SIGTERM from a Python handler, which never runs while the worker is stuck in C code;
+    # the default action ends it at once, so a timed-out worker is gone at its deadline.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _soft_timeout_s = soft_timeout_s
+    import math_verify  # noqa: F401
+
     mv_logger = logging.getLogger("math_verify")
     # math-verify logs the full offending text on a timeout; a 200k-character response would flood stderr.
     mv_logger.propagate = False
-    mv_logger.addHandler(flag)
-
-    @lru_cache(maxsize=8192)
-    def parse_gold(gold: str) -> list[Any]:
-        return parse(f"${gold}$", parsing_timeout=soft_timeout_s)
-
-    conn.send("ready")
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        pred, tail, gold = task
-        flag.fired = False
-        try:
-            gold_parsed = parse_gold(gold)
-            # An extracted answer is a bare LaTeX expression; without one, let math-verify find the last
-            # anchored or plain expression in the tail of the response.
-            pred_parsed = parse(f"${pred}$" if pred is not None else tail, parsing_timeout=soft_timeout_s)
-            correct = bool(gold_parsed and pred_parsed) and verify(
-                gold_parsed, pred_parsed, timeout_seconds=soft_timeout_s
-            )
-            status = "timeout" if flag.fired and not correct else "ok"
-        except Exception:
-            correct, status = False, "error"
-        conn.send((status, bool(correct)))
+    mv_logger.addHandler(_timeout_flag)
 
 
-class _Worker:
-    """One worker: a fresh interpreter (never a fork of a parent that may hold CUDA state or threads, and
-    unlike multiprocessing's spawn it does not re-import the caller's ``__main__``), talking over a socket."""
+@lru_cache(maxsize=8192)
+def _parse_gold(gold: str) -> list[Any]:
+    from math_verify import parse
 
-    def __init__(self, soft_timeout_s: int, start_timeout_s: float) -> None:
-        parent_sock, child_sock = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_SRC_DIR, env.get("PYTHONPATH")]))
-        code = f"from nft_lit.reward import _worker_main; _worker_main({child_sock.fileno()}, {soft_timeout_s})"
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code], pass_fds=[child_sock.fileno()], env=env, stdin=subprocess.DEVNULL
+    return parse(f"${gold}$", parsing_timeout=_soft_timeout_s)
+
+
+def _check_pair(pred: str | None, tail: str, gold: str) -> tuple[str, bool]:
+    """One check in a worker: (status, correct), status "ok", "timeout" (math-verify's own) or "error"."""
+    from math_verify import parse, verify
+
+    _timeout_flag.fired = False
+    try:
+        gold_parsed = _parse_gold(gold)
+        # An extracted answer is a bare LaTeX expression; without one, let math-verify find the last anchored or
+        # plain expression in the tail of the response.
+        pred_parsed = parse(f"${pred}$" if pred is not None else tail, parsing_timeout=_soft_timeout_s)
+        correct = bool(gold_parsed and pred_parsed) and verify(
+            gold_parsed, pred_parsed, timeout_seconds=_soft_timeout_s
         )
-        child_sock.close()
-        self.conn = Connection(parent_sock.detach())
-        self.ready = False
-        self.task: int | None = None
-        self.deadline = time.monotonic() + start_timeout_s
-
-    def stop(self, kill: bool) -> None:
-        if self.process.poll() is None:
-            if kill:
-                self.process.kill()
-            else:
-                try:
-                    self.conn.send(None)
-                except OSError:
-                    self.process.kill()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.conn.close()
+    except Exception:
+        return "error", False
+    return ("timeout" if _timeout_flag.fired and not correct else "ok"), bool(correct)
 
 
-def _stop_all(workers: list[_Worker]) -> None:
-    for worker in workers:
-        worker.stop(kill=True)
-    workers.clear()
+def _stop_pool(pool: ProcessPool) -> None:
+    pool.stop()
+    pool.join()
 
 
 class MathVerifier:
@@ -346,7 +312,10 @@ class MathVerifier:
     whose extracted answer equals the gold up to spacing, or that are both plain numbers, are decided in the
     parent without a round trip (``stats['fast_path']``, see ``_decide_locally``; ``local_fast_path=False``
     sends every pair to math-verify).
-    Workers start on first use (or on ``__enter__``); use as a context manager or call ``close()``.
+    The pool is a ``pebble.ProcessPool`` of ``spawn`` workers: never a fork of a parent that may hold CUDA state or
+    threads (a spawned worker imports the caller's ``__main__`` as multiprocessing does, behind its
+    ``if __name__ == "__main__"`` guard). Workers start on first use (or on ``__enter__``); use as a context manager
+    or call ``close()``.
     """
 
     def __init__(
@@ -371,32 +340,37 @@ class MathVerifier:
         self.start_timeout_s = start_timeout_s
         self.local_fast_path = local_fast_path
         # math-verify's own alarms (whole seconds) end most slow checks cheaply inside the worker, without
-        # the cost of a restart; the hard deadline in the parent is the guarantee.
+        # the cost of a restart; the pool's hard deadline is the guarantee.
         self._soft_timeout_s = max(1, int(self.timeout_s))
-        self._workers: list[_Worker] = []
+        self._pool: ProcessPool | None = None
+        self._finalizer: weakref.finalize | None = None
         self._closed = False
-        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
 
-    def _spawn(self) -> _Worker:
-        return _Worker(self._soft_timeout_s, self.start_timeout_s)
-
-    def _replace(self, worker: _Worker) -> None:
-        worker.stop(kill=True)
-        self._workers[self._workers.index(worker)] = self._spawn()
-
-    def _start(self) -> None:
+    def _start(self) -> ProcessPool:
         if self._closed:
             raise RuntimeError("MathVerifier: used after close()")
-        while len(self._workers) < self.num_workers:
-            self._workers.append(self._spawn())
+        if self._pool is not None and not self._pool.active:
+            self._discard_pool()  # pebble gives up on a pool whose worker died while no task ran: build a new one
+        if self._pool is None:
+            self._pool = ProcessPool(
+                self.num_workers,
+                initializer=_init_worker,
+                initargs=(self._soft_timeout_s,),
+                context=multiprocessing.get_context("spawn"),
+            )
+            self._finalizer = weakref.finalize(self, _stop_pool, self._pool)
+            _ = self._pool.active  # pebble starts the workers on the first status check
+        return self._pool
+
+    def _discard_pool(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # stops the pool, once
+        self._pool = self._finalizer = None
 
     def close(self) -> None:
         """Stop all workers (idempotent)."""
-        for worker in self._workers:
-            worker.stop(kill=not worker.ready or worker.task is not None)
-        self._workers.clear()
+        self._discard_pool()
         self._closed = True
-        self._finalizer.detach()
 
     def __enter__(self) -> MathVerifier:
         self._start()
@@ -410,7 +384,7 @@ class MathVerifier:
         start = time.perf_counter()
         rewards = [0.0] * len(responses)
         stats = {"timeouts": 0.0, "errors": 0.0, "truncated": 0.0, "no_answer": 0.0, "fast_path": 0.0}
-        tasks: deque[tuple[int, tuple[str | None, str, str]]] = deque()
+        tasks: list[tuple[int, tuple[str | None, str, str]]] = []
         for i, (response, gold, cut) in enumerate(zip(responses, golds, truncated, strict=True)):
             if cut:
                 stats["truncated"] += 1
@@ -431,54 +405,48 @@ class MathVerifier:
 
     def _run(
         self,
-        tasks: deque[tuple[int, tuple[str | None, str, str]]],
+        tasks: list[tuple[int, tuple[str | None, str, str]]],
         rewards: list[float],
         stats: dict[str, float],
     ) -> None:
-        self._start()
-        while tasks or any(worker.task is not None for worker in self._workers):
-            for worker in self._workers:
-                if tasks and worker.ready and worker.task is None:
-                    index, payload = tasks.popleft()
-                    worker.task, worker.deadline = index, time.monotonic() + self.timeout_s
-                    worker.conn.send(payload)
-            # Wait on busy workers (for results) and starting ones (for their "ready").
-            waiting = {w.conn: w for w in self._workers if w.task is not None or not w.ready}
-            next_deadline = min(w.deadline for w in waiting.values())
-            for conn in wait(list(waiting), timeout=max(0.0, next_deadline - time.monotonic())):
-                worker = waiting.pop(conn)
-                try:
-                    message = conn.recv()
-                except (EOFError, OSError):
-                    if not worker.ready:
-                        raise RuntimeError(
-                            f"MathVerifier: a worker exited during start-up (exit code "
-                            f"{worker.process.wait()}); check that `import math_verify` works in "
-                            f"{sys.executable}"
-                        ) from None
-                    stats["errors"] += 1
-                    self._replace(worker)
-                    continue
-                if not worker.ready:
-                    worker.ready = True
-                    continue
-                index, worker.task = worker.task, None
-                status, correct = message
+        for attempt in range(2):
+            pool = self._start()
+            futures = [pool.schedule(_check_pair, payload, timeout=self.timeout_s) for _, payload in tasks]
+            self._wait(futures)
+            broken = [f.exception() for f in futures if isinstance(f.exception(), BrokenProcessPool)]
+            if not broken:
+                break
+            if attempt:
+                raise RuntimeError(
+                    f"MathVerifier: the worker processes exited during start-up ({broken[0]}); "
+                    f"check that `import math_verify` works in {sys.executable}"
+                )
+            self._discard_pool()  # pebble gave up on the pool (a worker died while none had a task): once more
+        for (index, _), future in zip(tasks, futures, strict=True):
+            try:
+                status, correct = future.result()
+            except TaskTimeout:  # pebble killed the worker at the deadline and starts another
+                stats["timeouts"] += 1
+            except ProcessExpired:  # the worker died (a crash, the OOM killer); pebble starts another
+                stats["errors"] += 1
+            else:
                 if status == "ok":
                     rewards[index] = float(correct)
                 else:
                     stats["timeouts" if status == "timeout" else "errors"] += 1
-            now = time.monotonic()
-            for worker in waiting.values():
-                if now < worker.deadline:
-                    continue
-                if not worker.ready:
-                    raise RuntimeError(
-                        f"MathVerifier: a worker did not start within {self.start_timeout_s:.0f} s "
-                        f"(start_timeout_s); is the machine overloaded?"
-                    )
-                stats["timeouts"] += 1
-                self._replace(worker)
+
+    def _wait(self, futures: list[ProcessFuture]) -> None:
+        """Wait for all checks; fail when for ``start_timeout_s`` none finished and no worker took one."""
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=self.start_timeout_s, return_when=FIRST_COMPLETED)
+            if not done and not any(future.running() for future in pending):
+                for future in pending:
+                    future.cancel()
+                raise RuntimeError(
+                    f"MathVerifier: no worker started within {self.start_timeout_s:.0f} s (start_timeout_s); "
+                    "is the machine overloaded?"
+                )
 
 
 # ----------------------------------------------------------------------------------------------------------

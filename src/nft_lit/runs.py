@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import shutil
 import warnings
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from weakref import proxy
 
+from filelock import FileLock, Timeout
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
@@ -45,40 +47,48 @@ class RunError(ValueError):
 
 
 class RunLock:
-    """``run_dir/.lock`` holding the pid of the run using the folder; a live holder makes a second run fail."""
+    """``run_dir/.lock``: an flock (``filelock.FileLock``) on a file holding the pid of the run using the folder.
+
+    A second run is refused at once (no waiting), naming that pid. The kernel drops an flock when its holder dies,
+    so the file a killed run leaves behind never blocks the next one; a clean exit removes it.
+    """
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
         self.path = Path(run_dir) / ".lock"
+        self._lock = FileLock(self.path, timeout=0, on_acquired=_write_pid)
 
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = self.path.read_text().strip()
-            if holder.isdigit() and _alive(int(holder)):
-                raise RunError(
-                    f"run dir {self.path.parent} is in use by another `nft-lit fit` (pid {holder}); "
-                    "give this run its own hydra.run.dir, or wait for that one to end"
-                ) from None
-            self.path.unlink(missing_ok=True)  # left by a killed run
-            return self.__enter__()
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
+            self._lock.acquire()
+        except Timeout:
+            try:
+                holder = self.path.read_text().strip() or "unknown"
+            except FileNotFoundError:  # the holder just ended
+                holder = "unknown"
+            raise RunError(
+                f"run dir {self.path.parent} is in use by another `nft-lit fit` (pid {holder}); "
+                "give this run its own hydra.run.dir, or wait for that one to end"
+            ) from None
+        except OSError as error:
+            if error.errno != errno.ENOSYS:
+                raise
+            raise RunError(
+                f"run dir {self.path.parent} is on a filesystem without flock, which the run lock needs; "
+                "put hydra.run.dir on a local disk or NFS"
+            ) from error
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # Unlinked while still held: a contender that opened the old file sees it unlinked and does not take it.
         self.path.unlink(missing_ok=True)
+        self._lock.release()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _write_pid(fd: int) -> None:
+    """``on_acquired`` hook: the holder's pid replaces whatever a killed run left in the file."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
 
 
 class LastCheckpoint(ModelCheckpoint):
