@@ -66,6 +66,7 @@ class FakeSampling:
     top_k: int = 0
     max_new_tokens: int = 6
     seed: int | None = None
+    first_prompt: int = 0
 
 
 @dataclass

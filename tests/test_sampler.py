@@ -3,7 +3,7 @@
 import threading
 
 import pytest
-from _rollout_fakes import FakeSampling, addition_problems, make_sampler
+from _rollout_fakes import FakeEngine, FakeSampling, addition_problems, make_sampler
 
 from nft_lit.prompts import PromptTemplate
 
@@ -60,6 +60,28 @@ def test_chunked_sampling_keeps_the_order_and_gives_each_chunk_its_own_seed():
     assert whole.engine.seeds == [7]  # one chunk keeps the round's seed
     seeds = chunked.engine.seeds
     assert len(seeds) == 3 and len(set(seeds)) == 3 and 7 not in seeds  # 2 + 2 + 1 prompts, distinct streams
+
+
+class PerPromptSeededEngine(FakeEngine):
+    """An engine that seeds each prompt from (seed, its index in the request), as VLLMEngine does."""
+
+    seeds_per_prompt = True
+
+    def generate(self, prompt_ids, num_samples, sampling):
+        self.calls.append((sampling.seed, sampling.first_prompt, len(prompt_ids)))
+        return super().generate(prompt_ids, num_samples, sampling)
+
+
+def test_an_engine_seeding_per_prompt_gets_each_chunk_s_offset_not_a_new_seed(caplog):
+    """`sampler.chunk_prompts` is a speed knob: with a per-prompt-seeded engine every prompt keeps its seed and
+    index whatever the chunking (the old per-chunk seeds changed vLLM's samples)."""
+    engine = PerPromptSeededEngine(make_sampler().engine.vocab, make_sampler().engine.eos)
+    engine.calls = []
+    make_sampler(engine=engine, chunk_prompts=2).sample(addition_problems(5), 3, FakeSampling(seed=7))
+    assert engine.calls == [(7, 0, 2), (7, 2, 2), (7, 4, 1)]
+    assert "chunk_prompts" not in caplog.text
+    make_sampler(chunk_prompts=2).sample(addition_problems(5), 3, FakeSampling(seed=7))  # seeds per call
+    assert "chunked rollouts draw other samples" in caplog.text
 
 
 def test_each_chunk_is_verified_while_the_next_one_generates():

@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,20 @@ def test_outputs_well_formed_and_seeded(engine, prompts):
         assert trunc == (ids[-1] != EOS) and (not trunc or len(ids) == 8)
     assert any(batch.truncated) and not all(batch.truncated)
     assert engine.generate(prompts, 4, sampling) == batch  # same seed, same answers
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_a_request_split_into_calls_draws_what_one_call_draws(engine, prompts):
+    """Each prompt is seeded from (seed, its index in the request): `sampler.chunk_prompts` splits a request
+    into calls (SamplingParams.first_prompt) without changing what is sampled."""
+    engine.sync_weights(fresh_model())
+    sampling = SamplingParams(max_new_tokens=8, seed=5)
+    whole = engine.generate(prompts, 3, sampling)
+    first = engine.generate(prompts[:2], 3, sampling)
+    rest = engine.generate(prompts[2:], 3, replace(sampling, first_prompt=2))
+    assert first.response_ids + rest.response_ids == whole.response_ids
+    assert first.logprobs + rest.logprobs == whole.logprobs
 
 
 @pytest.mark.vllm

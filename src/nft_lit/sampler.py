@@ -7,6 +7,7 @@ same prompt encoding, engine and grading (docs/ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,6 +20,8 @@ from nft_lit.distributed import derive_seed
 from nft_lit.prompts import PromptTemplate, encode_prompt
 from nft_lit.reward import Verifier
 from nft_lit.rollout import RolloutEngine, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class HasQuestionAndAnswer(Protocol):
@@ -88,6 +91,7 @@ class Sampler:
         self.verifier = verifier
         self.prompt_template = prompt_template
         self._prompt_cache: dict[str, list[int]] = {}
+        self._said_chunks_differ = False
 
     @property
     def engine(self) -> RolloutEngine:
@@ -111,8 +115,11 @@ class Sampler:
     ) -> ScoredAnswers:
         """Generate ``num_samples`` answers per problem from the synced weights and verify them.
 
-        In chunks (``chunk_prompts``), chunk c is generated with seed ``derive_seed(seed, c)`` (one chunk keeps
-        ``sampling.seed``), and verified in a background thread while chunk c + 1 generates.
+        In chunks (``chunk_prompts``), each chunk is verified in a background thread while the next generates.
+        An engine that seeds per prompt (``seeds_per_prompt``: vLLM) is told each chunk's offset in the request
+        (``SamplingParams.first_prompt``), so the samples are those of one call whatever the chunking. Others
+        (HF ``generate``: one random stream per call) get chunk c's seed ``derive_seed(seed, c)``: chunking then
+        draws other samples from the same distribution, which the run's log says once.
         """
         prompts = [self.encode(p.question) for p in problems]
         size = self.chunk_prompts or max(len(prompts), 1)
@@ -120,10 +127,23 @@ class Sampler:
         gen_seconds = 0.0
         pending: list[tuple[Any, Future[tuple[list[float], float]]]] = []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="nft-lit-verify") as verify_thread:
+            per_prompt = getattr(self.engine, "seeds_per_prompt", False)
+            if len(starts) > 1 and sampling.seed is not None and not per_prompt and not self._said_chunks_differ:
+                self._said_chunks_differ = True
+                log.warning(
+                    "sampler.chunk_prompts=%d: %s seeds each call, so chunked rollouts draw other samples (from "
+                    "the same distribution) than unchunked ones; an engine seeding per prompt (vLLM) does not",
+                    size,
+                    type(self.engine).__name__,
+                )
             for c, start in enumerate(starts):
                 chunk_sampling = sampling
                 if len(starts) > 1 and sampling.seed is not None:
-                    chunk_sampling = replace(sampling, seed=derive_seed(sampling.seed, c))
+                    chunk_sampling = (
+                        replace(sampling, first_prompt=sampling.first_prompt + start)
+                        if per_prompt
+                        else replace(sampling, seed=derive_seed(sampling.seed, c))
+                    )
                 t0 = time.perf_counter()
                 rollout = self.engine.generate(prompts[start : start + size], num_samples, chunk_sampling)
                 gen_seconds += time.perf_counter() - t0

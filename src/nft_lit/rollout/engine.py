@@ -19,13 +19,19 @@ from torch import nn
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings shared by all engines. `top_k=0` and `top_p=1.0` disable truncation."""
+    """Sampling settings shared by all engines. `top_k=0` and `top_p=1.0` disable truncation.
+
+    `first_prompt`: the index of a call's first prompt within the request the sampler split into calls. An
+    engine that seeds each prompt (`seeds_per_prompt = True`) seeds prompt i of the call from (seed,
+    first_prompt + i), so a request split into chunks draws what one call would.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 512
     seed: int | None = None
+    first_prompt: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
@@ -82,6 +88,10 @@ class RolloutBatch:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
+    """What the sampler needs of an engine. An engine may also declare `seeds_per_prompt = True`: its samples of
+    a prompt depend only on the seed and the prompt's index in the request (`SamplingParams.first_prompt`), not
+    on which other prompts share the call."""
+
     def sync_weights(self, model: nn.Module) -> dict[str, float]:
         """Make the engine sample from `model`'s current weights; returns metrics named `sync/<what>`."""
         ...

@@ -230,6 +230,8 @@ class VLLMEngine:
     torchrun or Lightning's launcher. Tensor parallelism is refused (`check_tensor_parallel_size`).
     """
 
+    seeds_per_prompt = True  # one seeded request per prompt: what a prompt draws does not depend on its call
+
     def __init__(
         self,
         model_path: str | None = None,
@@ -372,7 +374,7 @@ class VLLMEngine:
                 max_tokens=sampling.max_new_tokens,
                 # distinct per-prompt streams, well apart: vLLM seeds sample j of a request with seed + j, so
                 # seed + i would give prompt i's sample j the stream of prompt i + 1's sample j - 1
-                seed=None if sampling.seed is None else derive_seed(sampling.seed, i),
+                seed=None if sampling.seed is None else derive_seed(sampling.seed, sampling.first_prompt + i),
                 stop_token_ids=sorted(self.eos_ids),
                 logprobs=0 if want_logprobs else None,
                 detokenize=False,
