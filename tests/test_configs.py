@@ -120,6 +120,8 @@ def test_every_reward_config_instantiates_a_verifier(reward):
         (["eval.every_n_iterations=0"], "eval.every_n_iterations=0: expected an integer >= 1"),
         (["eval.num_samples=0"], "eval.num_samples=0: expected an integer >= 1 or null"),
         (["ckpt_path="], "ckpt_path is empty"),
+        (["datamodule.max_prompt_tokens=2"], "more than datamodule.max_prompt_tokens=2"),
+        (["trainer=cpu_fsdp2", "datamodule.gen_prompts_per_round=33"], "gen_prompts_per_round=33 must be a multiple"),
         (["datamodule.max_logprob_gap=abc"], "datamodule.max_logprob_gap='abc'"),
         (["datamodule.max_logprob_gap=-1"], "datamodule.max_logprob_gap=-1"),
     ],

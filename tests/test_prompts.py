@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from nft_lit.answers import extract_answer
 from nft_lit.models import build_char_tokenizer
 from nft_lit.prompts import (
     DAPO_PREFIX,
@@ -19,7 +20,6 @@ from nft_lit.prompts import (
     PromptTemplate,
     encode_prompt,
 )
-from nft_lit.reward import extract_answer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "prompt"
 CHAT = (

@@ -14,14 +14,9 @@ from concurrent.futures import TimeoutError as TaskTimeout
 import pytest
 from _data_marks import needs_data
 
+from nft_lit.answers import extract_answer, extract_boxed
 from nft_lit.data import DATASETS, load_problems
-from nft_lit.reward import (
-    ExactMatchVerifier,
-    MathVerifier,
-    extract_answer,
-    extract_boxed,
-    overlong_penalty,
-)
+from nft_lit.reward import ExactMatchVerifier, MathVerifier, overlong_penalty
 from nft_lit.verify import verify_command
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from _rollout_fakes import PARITY_OVERRIDES
 
-from nft_lit.cli import _hydra_args
+from nft_lit.launch import hydra_arguments
 from nft_lit.runs import RunError, RunLock, config_changes, resolve_checkpoint
 
 TESTS = Path(__file__).parent
@@ -55,7 +55,8 @@ def test_last_checkpoint_is_the_final_state_and_resume_continues_the_metrics(tmp
 
     # resume by the name Lightning wrote ('=' inside the value), to more iterations: said, not silent
     proc = _nft_lit("fit", *SMOKE, "iterations=5", f"ckpt_path={numbered[0]}", f"hydra.run.dir={run}")
-    assert "running to iterations=5 (the checkpoint's run asked for 3)" in proc.stdout + proc.stderr
+    said = next(line for line in (proc.stdout + proc.stderr).splitlines() if "(allowed on resume)" in line)
+    assert "iterations: 3 -> 5" in said and "ckpt_path" not in said
     assert _epoch(ckpts / "last.ckpt") == 4 and not list(ckpts.glob("last-v*.ckpt"))
     assert _csv_epochs(run) == [0, 1, 2, 3, 4]  # iteration 2 was re-run from the checkpoint: logged once
     from nft_lit.report import report
@@ -119,8 +120,10 @@ def test_ckpt_path_last_falls_back_to_the_newest_complete_checkpoint(tmp_path):
 
 
 def test_checkpoint_paths_with_equals_signs_reach_hydra_quoted():
-    assert _hydra_args(["ckpt_path=d/epoch=2-step=6.ckpt", "seed=1"]) == ["ckpt_path='d/epoch=2-step=6.ckpt'", "seed=1"]
-    assert _hydra_args(["ckpt_path=last", "+ckpt_path='a=b'"]) == ["ckpt_path=last", "+ckpt_path='a=b'"]
+    quoted = hydra_arguments(["ckpt_path=d/epoch=2-step=6.ckpt", "seed=1"], "fit")
+    assert quoted == ["ckpt_path='d/epoch=2-step=6.ckpt'", "seed=1"]
+    kept = hydra_arguments(["ckpt_path=last", "+ckpt_path='a=b'"], "validate")
+    assert kept == ["ckpt_path=last", "+ckpt_path='a=b'", "hydra.job.name=validate"]
 
 
 def test_run_lock_refuses_a_live_holder_and_clears_a_stale_one(tmp_path):
@@ -172,7 +175,9 @@ def test_run_lock_on_a_filesystem_without_flock_says_so(tmp_path, monkeypatch):
 def test_config_changes_name_each_differing_key():
     saved = {"algorithm": {"name": "nft", "loss": {"epsilon": 1.0}}, "seed": 0, "iterations": 5}
     new = {"algorithm": {"name": "nft", "loss": {"epsilon": 0.5}}, "seed": 0, "iterations": 50}
-    assert config_changes(saved, new) == ["algorithm.loss.epsilon: 1.0 -> 0.5"]  # iterations may change
+    changes = config_changes(saved, new)
+    assert changes.experiment == ["algorithm.loss.epsilon: 1.0 -> 0.5"]
+    assert changes.allowed == ["iterations: 5 -> 50"] and changes.from_state == []  # iterations may change
 
 
 def test_bad_checkpoint_and_bad_values_fail_in_one_line():

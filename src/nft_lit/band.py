@@ -353,28 +353,71 @@ def _build_sampler(args: argparse.Namespace, problems: Sequence[Problem]) -> tup
     return build_sampler(options, engine, **parts), None
 
 
-def main(argv: list[str] | None = None) -> int:
+def _check_args(args: argparse.Namespace) -> None:
+    if args.questions < 0 or args.samples < 1 or args.max_new_tokens < 1:
+        raise SelectionError("--questions must be >= 0, --samples >= 1 and --max-new-tokens >= 1")
+    if not 0 < args.heldout_fraction < 1:
+        raise SelectionError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
+
+
+def _subsample(base: list[Problem], questions: int, seed: int) -> list[Problem]:
+    """``questions`` of ``base`` drawn with ``seed``, kept in their order; all of them for 0 or too many."""
     import random
 
+    if not questions or questions >= len(base):
+        return base
+    return [base[i] for i in sorted(random.Random(seed).sample(range(len(base)), questions))]
+
+
+def _facts(args: argparse.Namespace, base: int, screened: int, startup: float, seconds: float) -> dict[str, Any]:
+    """The settings and seconds ``summary.json`` records beside the pass rates."""
+    return {
+        "data": args.data,
+        "split": args.split,
+        "base_questions": base,
+        "model": str(args.model),
+        "prompt": args.prompt,
+        "template": args.template,
+        "reward": args.reward,
+        "engine": args.engine,
+        "samples": args.samples,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+        "seconds_startup": startup,
+        "seconds_screen": seconds,
+        "seconds_per_question": seconds / max(screened, 1),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _print_summary(summary: dict[str, Any], samples: int, seconds: float, startup: float, out: Path) -> None:
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+    print(
+        f"{summary['questions']} questions x {samples}: pass rate {pct(summary['pass_rate'])}; in band "
+        f"{summary['in_band']} ({pct(summary['in_band_fraction'])}): train {summary['train_questions']}, held-out "
+        f"{summary['heldout_questions']}; pass rate on the selection {pct(summary['pass_rate_selected'])}; "
+        f"r̂ histogram {summary['histogram']}; {seconds:.0f} s (+{startup:.0f} s start-up)\nwrote {out}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
     from hydra.errors import InstantiationException
 
     from nft_lit.rollout import SamplingParams
 
     args = _parser().parse_args(argv)
     try:
-        if args.questions < 0 or args.samples < 1 or args.max_new_tokens < 1:
-            raise SelectionError("--questions must be >= 0, --samples >= 1 and --max-new-tokens >= 1")
-        if not 0 < args.heldout_fraction < 1:
-            raise SelectionError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
+        _check_args(args)
         sampling = SamplingParams(
             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed
         )
         t_load = time.perf_counter()
         base = list(_load_base_problems(args.data, args.split, args.data_dir))
-        problems = base
-        if args.questions and args.questions < len(base):
-            order = sorted(random.Random(args.seed).sample(range(len(base)), args.questions))
-            problems = [base[i] for i in order]
+        problems = _subsample(base, args.questions, args.seed)
         sampler, policy = _build_sampler(args, problems)
         startup = time.perf_counter() - t_load
     except (SelectionError, ValueError, FileNotFoundError, InstantiationException) as exc:
@@ -395,36 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         if callable(close):
             close()
     seconds = time.perf_counter() - t0
-    facts = {
-        "data": args.data,
-        "split": args.split,
-        "base_questions": len(base),
-        "model": str(args.model),
-        "prompt": args.prompt,
-        "template": args.template,
-        "reward": args.reward,
-        "engine": args.engine,
-        "samples": args.samples,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "max_new_tokens": args.max_new_tokens,
-        "seed": args.seed,
-        "seconds_startup": startup,
-        "seconds_screen": seconds,
-        "seconds_per_question": seconds / max(len(rates), 1),
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
+    facts = _facts(args, len(base), len(rates), startup, seconds)
     summary = write_selection(out, rates, args.heldout_fraction, args.split_seed, facts)
-
-    def pct(value: float | None) -> str:
-        return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
-
-    print(
-        f"{summary['questions']} questions x {args.samples}: pass rate {pct(summary['pass_rate'])}; in band "
-        f"{summary['in_band']} ({pct(summary['in_band_fraction'])}): train {summary['train_questions']}, held-out "
-        f"{summary['heldout_questions']}; pass rate on the selection {pct(summary['pass_rate_selected'])}; "
-        f"r̂ histogram {summary['histogram']}; {seconds:.0f} s (+{startup:.0f} s start-up)\nwrote {out}"
-    )
+    _print_summary(summary, args.samples, seconds, startup, out)
     return 0
 
 

@@ -13,15 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nft_lit.compose import (
-    CONFIG_DIR,
-    ConfigError,
-    build_fit,
-    build_loggers,
-    build_trainer,
-    build_validation,
-    load_policy,
-)
+from nft_lit import compose
+from nft_lit.compose import ConfigError
 from nft_lit.console import quiet_lightning
 
 log = logging.getLogger(__name__)
@@ -71,7 +64,7 @@ Hydra overrides of configs/train.yaml. Main choices (config groups):
   algorithm=NAME    nft | rft | grpo | dr_grpo | dapo | infonca (configs/algorithm)
   model=NAME  data=NAME  prompt=NAME  rollout=hf|vllm  reward=math_verify|exact_match  trainer=cpu|...
 Common keys:
-  iterations=N seed=N hydra.run.dir=DIR ckpt_path=last|FILE resume_force=true
+  iterations=N seed=N hydra.run.dir=DIR ckpt_path=last|auto|FILE resume_force=true
   eval.heldout / eval.benchmarks=[aime24,...] eval.every_n_iterations=N  (evaluation, one node)
   {extra}
   -m              sweep (comma-separated values), one folder per run
@@ -84,83 +77,68 @@ _HELP_EXTRA = {
 }
 
 
-def _hydra_args(argv: list[str]) -> list[str]:
-    """Command-line overrides as Hydra's grammar needs them: a checkpoint path holds '=' (``epoch=3-step=9.ckpt``,
-    the names Lightning writes), which Hydra would read as a second assignment unless the value is quoted."""
-    out = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+~") == "ckpt_path" and "=" in value and value[:1] not in "'\"":
-            arg = f"{key}='{value}'"
-        out.append(arg)
-    return out
-
-
 def _run_hydra(argv: list[str], task: Any, command: str) -> int:
     """Run ``task(cfg)`` as a Hydra app over configs/train.yaml with ``argv`` as Hydra's command line.
 
-    Hydra is driven directly (``hydra.main`` would parse ``sys.argv``, which here still starts with the
-    sub-command), so ``sys.argv`` stays the real command line: Lightning's launcher re-runs exactly it,
-    plus the parent's ``hydra.run.dir``, to start the other ranks of a multi-process run.
+    ``hydra.main`` reads ``sys.argv``, which here starts with the sub-command: it sees ``argv`` while it parses,
+    and the task gets the real command line back before anything else runs, since Lightning's launcher re-runs
+    exactly it (plus the parent's ``hydra.run.dir``) to start the other ranks of a multi-process run.
     """
-    from hydra._internal.utils import _run_hydra as run_hydra
-    from hydra._internal.utils import get_args_parser
+    import hydra
+
+    from nft_lit.launch import PREEMPTED_EXIT, LaunchError, Preempted, check_command_line, hydra_arguments
+    from nft_lit.models import ModelFolderError
+    from nft_lit.prompts import PromptEncodingError
+    from nft_lit.runs import RunError, RunLock
 
     if any(a in ("-h", "--help") for a in argv):
         print(_HELP.format(command=command, extra=_HELP_EXTRA[command]))
         return 0
+    real_argv, bad_input = sys.argv, (ConfigError, LaunchError, RunError, ModelFolderError, PromptEncodingError)
 
-    from nft_lit.launch import PREEMPTED_EXIT, LaunchError, Preempted, check_command_line, launch_overrides
-    from nft_lit.models import ModelFolderError
-    from nft_lit.prompts import PromptEncodingError
-    from nft_lit.runs import RunError
-
-    bad_input = (ConfigError, LaunchError, RunError, ModelFolderError, PromptEncodingError)
-    try:
-        check_command_line(argv, _train_config_keys())
-        argv = [*argv, *launch_overrides(argv)]
-    except LaunchError as e:
+    def say(message: str, status: int) -> int:
         if _is_rank_zero():  # every rank fails the same way: one line, not one per rank
-            print(f"nft-lit {command}: {e}", file=sys.stderr)
-        return 2
+            print(f"nft-lit {command}: {message}", file=sys.stderr)
+        return status
 
-    def task_reporting_bad_input(cfg: Any) -> Any:
+    try:
+        check_command_line(argv, compose.train_config_keys())
+        if command == "fit" and _is_rank_zero():  # before Hydra opens the folder's log; ranks > 0 join rank 0
+            RunLock.check_free(next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None))
+        argv = hydra_arguments(argv, command)
+    except (LaunchError, RunError) as e:
+        return say(str(e), 2)
+
+    @hydra.main(config_path=str(compose.CONFIG_DIR), config_name="train", version_base=None)
+    def app(cfg: Any) -> Any:
+        sys.argv = real_argv
         try:
             return task(cfg)
         except Preempted as e:
-            if _is_rank_zero():
-                print(f"nft-lit {command}: {e}", file=sys.stderr)
-            sys.exit(PREEMPTED_EXIT)
+            sys.exit(say(str(e), PREEMPTED_EXIT))
         except bad_input as e:  # bad input, named: no traceback
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            if _is_rank_zero():  # every rank fails the same way: one line, not one per rank
-                print(f"nft-lit {command}: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(say(str(e), 2))
 
-    parser = get_args_parser()
-    run_hydra(
-        args=parser.parse_args(_hydra_args(argv)),
-        args_parser=parser,
-        task_function=task_reporting_bad_input,
-        config_path=str(CONFIG_DIR),
-        config_name="train",
-    )
+    sys.argv = [real_argv[0], *argv]
+    try:
+        app()
+    finally:
+        sys.argv = real_argv
     return 0
 
 
-def _train_config_keys() -> set[str]:
-    """Top-level keys and config groups of configs/train.yaml (what a ``+key=value`` may add)."""
-    from omegaconf import OmegaConf
+def _command_line_overrides() -> list[str]:
+    """The overrides typed on the command line of the running Hydra job ([] outside one)."""
+    from hydra.core.hydra_config import HydraConfig
 
-    train = OmegaConf.load(CONFIG_DIR / "train.yaml")
-    groups = {next(iter(d)) for d in train.defaults if isinstance(d, dict) or hasattr(d, "keys")}
-    return set(train.keys()) | {str(g) for g in groups}
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _save_run_config(cfg: Any) -> None:
     """``run_dir/.hydra/{config,overrides,hydra}.yaml`` as Hydra writes them (``hydra.output_subdir`` is null:
-    `fit` calls this only once it holds the folder's lock, so a refused run cannot overwrite a live run's)."""
+    each command writes them itself, into a folder it owns; see ``_own_folder``)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
@@ -171,50 +149,6 @@ def _save_run_config(cfg: Any) -> None:
     OmegaConf.save(cfg, folder / "config.yaml")
     OmegaConf.save(OmegaConf.create(_command_line_overrides()), folder / "overrides.yaml")
     OmegaConf.save(OmegaConf.create({"hydra": HydraConfig.get()}), folder / "hydra.yaml")
-
-
-def _command_line_overrides() -> list[str]:
-    """The overrides typed on the command line of the running Hydra job ([] outside one)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def _resume_point(cfg: Any, run_config: dict[str, Any]) -> tuple[str | None, int]:
-    """(checkpoint to resume from or None, its global step or -1); refuses a checkpoint of another experiment.
-
-    The checkpoint may be a file or a sharded folder (its step and config are read without its tensors).
-    ``auto`` is ``last`` when the run folder has a complete checkpoint and a new run otherwise: one command line
-    for the first start and every requeue of a scheduler job."""
-    from nft_lit.runs import RunError, config_changes, read_checkpoint, resolve_checkpoint
-
-    if cfg.get("ckpt_path") is None:
-        return None, -1
-    try:
-        path = resolve_checkpoint("last" if cfg.ckpt_path == "auto" else str(cfg.ckpt_path), cfg.run_dir)
-    except RunError:
-        if cfg.ckpt_path != "auto":
-            raise
-        log.info("ckpt_path=auto: no complete checkpoint in %s yet; starting the run", cfg.run_dir)
-        return None, -1
-    saved = read_checkpoint(path)
-    changes = config_changes(saved.get("nft_lit_config") or {}, run_config)
-    if changes and not cfg.get("resume_force", False):
-        raise ConfigError(
-            f"ckpt_path={cfg.ckpt_path} ({path}) was trained with another configuration; resuming would mix two"
-            " experiments. Differences:\n  " + "\n  ".join(changes) + "\nPass the same overrides as the"
-            " original run (its .hydra/overrides.yaml), or resume_force=true to continue anyway."
-        )
-    previous = (saved.get("nft_lit_config") or {}).get("iterations")
-    log.info(
-        "resuming %s at global step %d (iteration %d); running to iterations=%s%s",
-        path,
-        saved["global_step"],
-        saved.get("epoch", -1) + 1,
-        cfg.iterations,
-        f" (the checkpoint's run asked for {previous})" if previous not in (None, cfg.iterations) else "",
-    )
-    return str(path), int(saved["global_step"])
 
 
 def _is_rank_zero() -> bool:
@@ -233,23 +167,23 @@ def run_fit(cfg: Any) -> dict[str, float]:
     from omegaconf import OmegaConf
 
     from nft_lit.launch import Preempted, preempted_message
-    from nft_lit.runs import RunLock
+    from nft_lit.runs import RunLock, resume_point
 
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True)  # before building: nothing random may run unseeded
-    module, datamodule, evaluation = build_fit(cfg)
-    module.run_config = OmegaConf.to_container(cfg, resolve=True)
-    ckpt, resume_step = _resume_point(cfg, module.run_config)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    # the other ranks of a multi-process run share rank 0's folder
-    lock = RunLock(cfg.run_dir) if _is_rank_zero() else contextlib.nullcontext()
-    with lock:
+    # The lock first: a run refused for a busy folder builds and writes nothing. The other ranks of a
+    # multi-process run share rank 0's folder.
+    with RunLock(cfg.run_dir) if _is_rank_zero() else contextlib.nullcontext():
+        module, datamodule, evaluation = compose.build_fit(cfg)
+        module.run_config = OmegaConf.to_container(cfg, resolve=True)
+        resume = resume_point(cfg.get("ckpt_path"), cfg.run_dir, module.run_config, bool(cfg.get("resume_force")))
+        _say_resume(resume)
         _save_run_config(cfg)
-        trainer = build_trainer(cfg, evaluation, keep_csv_up_to_step=resume_step, datamodule=datamodule)
+        trainer = compose.build_trainer(cfg, evaluation, resume=resume, datamodule=datamodule)
         for logger in trainer.loggers:  # the resolved config, searchable in TensorBoard's HPARAMS tab
             logger.log_hyperparams(module.run_config)
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume.path if resume else None)
         except SIGTERMException:
             # Lightning stops after the step in progress, before the iteration's end: last.ckpt is untouched and
             # still holds the newest complete iteration, from which a resume is exact.
@@ -260,12 +194,29 @@ def run_fit(cfg: Any) -> dict[str, float]:
     return metrics
 
 
+def _say_resume(resume: Any) -> None:
+    """Log where a run resumes and what of its config changed (refused changes never get here)."""
+    if resume is None:
+        return
+    log.info("resuming %s at global step %d (iteration %d)", resume.path, resume.global_step, resume.iterations_done)
+    changes = resume.changes
+    if changes.allowed:
+        log.info("changed since the checkpoint (allowed on resume): %s", "; ".join(changes.allowed))
+    for line in changes.experiment:
+        log.warning("resume_force=true: continuing with %s", line)
+    for line in changes.from_state:
+        log.warning("resume_force=true: %s does NOT take effect: the checkpoint's optimizer state wins", line)
+
+
 def _print_summary(cfg: Any, trainer: Any, metrics: dict[str, float]) -> None:
-    """What a finished run did, in a few lines (the numbers are in csv/ and tb/)."""
+    """What a finished run did, in a few lines, each number with the iteration it belongs to."""
+    from nft_lit.callbacks import held_out_summary
+
     shown = ("train/loss", "rollout/pass_rate", "rollout/reward_mean", "train/entropy", "rollout/logprob_gap")
     lines = [f"nft-lit fit: {trainer.current_epoch} iterations, {trainer.global_step} optimizer steps"]
-    lines += [f"  {k:<28} {metrics[k]:.4g}" for k in shown if k in metrics]
-    lines += [f"  {k:<28} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith("val/") and "avg@" in k]
+    lines += [f"  {k:<28} {metrics[k]:.4g}  (iteration {trainer.current_epoch})" for k in shown if k in metrics]
+    for name, value, when in held_out_summary(trainer.callbacks):
+        lines.append(f"  {name:<28} {value:.4g}  ({when})")
     lines.append(f"  run dir: {cfg.run_dir} (checkpoints/last.ckpt, csv/, tb/)")
     print("\n".join(lines))
 
@@ -275,43 +226,42 @@ def fit_command(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- validate/export
+def _own_folder(cfg: Any, command: str) -> None:
+    """``validate`` / ``export`` pointed at a fit run's folder write into a folder of their own (runs.own_folder)."""
+    from omegaconf import OmegaConf
+
+    from nft_lit.runs import own_folder
+
+    if (own := own_folder(cfg.run_dir, command)) is not None:
+        OmegaConf.update(cfg, "run_dir", str(own))
+        log.info("%s holds a fit run: %s writes into %s", own.parent.parent, command, own)
+
+
 def run_validate(cfg: Any) -> dict[str, float]:
     """Evaluate ``ckpt_path`` (or a base ``model``) on the ``eval`` benchmarks; log and write JSON."""
     import json
-    from dataclasses import asdict
-
-    from omegaconf import OmegaConf
 
     from nft_lit.evaluation import write_results
 
     quiet_lightning()
+    _own_folder(cfg, "validate")
     _save_run_config(cfg)
-    typed_prompt = any(o.startswith("prompt") for o in _command_line_overrides())
-    built = build_validation(cfg, prompt_from_command_line=typed_prompt)
-    run_cfg, prompt_cfg, evaluation = built.run_cfg, built.prompt_cfg, built.evaluation
-    benchmarks = evaluation.benchmarks
-    results = evaluation.run(built.model)
-    for logger in build_loggers(cfg):
+    built = compose.build_validation(
+        cfg, prompt_from_command_line=any(o.startswith("prompt") for o in _command_line_overrides())
+    )
+    results = built.evaluation.run(built.model)
+    for logger in compose.build_loggers(cfg):
         logger.log_metrics({f"validate/{k}": v for k, v in results.items()}, step=0)
         logger.finalize("success")
     out = Path(cfg.eval.out)
-    facts = {
-        "ckpt_path": None if cfg.get("ckpt_path") is None else str(cfg.ckpt_path),
-        "model": OmegaConf.to_container(run_cfg.model, resolve=True),
-        "prompt": OmegaConf.to_container(prompt_cfg, resolve=True) if prompt_cfg is not None else None,
-        "benchmarks": [
-            {"name": b.name, "problems": len(b.problems), "num_samples": b.num_samples, **asdict(b.sampling)}
-            for b in benchmarks
-        ],
-        "generations": str(out.with_name("generations.jsonl")),
-    }
-    path = write_results(results, out, facts)
-    with open(facts["generations"], "w", encoding="utf-8") as handle:
-        for answer in evaluation.answers:
+    generations = out.with_name("generations.jsonl")
+    path = write_results(results, out, {**built.facts(cfg), "generations": str(generations)})
+    with open(generations, "w", encoding="utf-8") as handle:
+        for answer in built.evaluation.answers:
             handle.write(json.dumps(answer, ensure_ascii=False) + "\n")
     for key, value in sorted(results.items()):
         print(f"{key:<40} {value:.4f}")
-    print(f"wrote {path} and {facts['generations']} (every answer, graded)")
+    print(f"wrote {path} and {generations} (every answer, graded)")
     return results
 
 
@@ -324,10 +274,12 @@ def run_export(cfg: Any) -> Path:
     checkpoint folder is consolidated on the way (``load_policy``)."""
     from hydra.utils import instantiate
 
+    from nft_lit.compose import load_policy
     from nft_lit.models import save_hf_folder
 
     if cfg.get("ckpt_path") is None or cfg.get("out") is None:
         raise ConfigError("export needs ckpt_path=<checkpoint file or sharded folder> and out=<folder>")
+    _own_folder(cfg, "export")
     _save_run_config(cfg)
     module, run_cfg = load_policy(str(cfg.ckpt_path))
     path = save_hf_folder(module.model, instantiate(run_cfg.tokenizer), str(cfg.out))

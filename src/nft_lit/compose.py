@@ -25,6 +25,14 @@ CONFIG_DIR = Path(nft_lit.__file__).resolve().parents[2] / "configs"
 """The repo's configs/ folder (the package is installed editable from src/)."""
 
 
+def train_config_keys() -> set[str]:
+    """Top-level keys and config groups of configs/train.yaml (what a ``+key=value`` override may add)."""
+    from omegaconf import OmegaConf
+
+    train = OmegaConf.load(CONFIG_DIR / "train.yaml")
+    return set(train.keys()) | {str(next(iter(d))) for d in train.defaults if hasattr(d, "keys")}
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the option."""
 
@@ -82,6 +90,28 @@ def check_config(cfg: Any) -> None:
         check_launch(cfg.trainer)
     except (LaunchError, ValueError) as e:
         raise ConfigError(str(e)) from e
+
+
+def check_rollouts_fit(cfg: Any, datamodule: Any) -> None:
+    """What would otherwise stop a run at its first rollout: prompt counts that the launch's ranks cannot share
+    evenly, and a training prompt longer than ``datamodule.max_prompt_tokens`` (every prompt is encoded once,
+    through the sampler's cache, which the rollouts then reuse)."""
+    from nft_lit.launch import check_launch
+
+    try:
+        datamodule.stage.check_world(check_launch(cfg.trainer))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    limit = datamodule.settings.max_prompt_tokens
+    if limit is None:
+        return
+    problems = datamodule.stage.problems
+    for problem in problems:
+        if (length := len(datamodule.sampler.encode(problem.question))) > limit:
+            raise ConfigError(
+                f"problem {problem.id!r}: its prompt has {length} tokens, more than datamodule.max_prompt_tokens="
+                f"{limit} (checked at start over the {len(problems)} training problems)"
+            )
 
 
 def _require_int(value: Any, option: str, minimum: int | None, nullable: bool = False) -> None:
@@ -197,6 +227,7 @@ def build_fit(cfg: Any) -> tuple[Any, Any, Any | None]:
         check_loss_fits(module.loss_fn, datamodule.settings, datamodule.layout.whole_groups)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    check_rollouts_fit(cfg, datamodule)
     benchmarks = build_benchmarks(cfg, fallback_to_data=False)
     evaluation = Evaluation(benchmarks, sampler, cfg.eval.batch_prompts) if benchmarks else None
     write_engine_folder(engine_folder, initial_policy(cfg))  # last: a refused configuration writes nothing
@@ -204,10 +235,17 @@ def build_fit(cfg: Any) -> tuple[Any, Any, Any | None]:
 
 
 def build_callbacks(cfg: Any, evaluation: Any | None) -> list[Any]:
-    """Progress bar, numbered and ``last.ckpt`` checkpoints, the LR monitor and the held-out evaluation."""
+    """Progress bar, numbered and ``last.ckpt`` checkpoints, the LR monitor and the held-out evaluation.
+
+    ``eval.probe_size`` > 0 adds the probe entropy to the held-out evaluation (``evaluation.ProbeEntropy``): the
+    first ``eval.probe_size`` problems (all, when fewer) of the first evaluated benchmark (``eval.heldout`` when
+    set), their gold answers teacher-forced, encoded by the run's sampler, at the training temperature
+    (``sampling``'s log-prob temperature), ``eval.probe_batch_size`` sequences per forward.
+    """
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from nft_lit.callbacks import HeldOutEvaluation, PhaseProgressBar
+    from nft_lit.evaluation import ProbeEntropy
     from nft_lit.runs import LastCheckpoint
 
     checkpoints = str(Path(cfg.run_dir) / "checkpoints")
@@ -223,21 +261,53 @@ def build_callbacks(cfg: Any, evaluation: Any | None) -> list[Any]:
         LastCheckpoint(checkpoints),
         LearningRateMonitor(logging_interval="step"),
     ]
+    probe_size = cfg.eval.get("probe_size", 0)
+    _require_int(probe_size, "eval.probe_size", 0)
+    probe = None
+    if probe_size > 0:
+        if evaluation is None:
+            raise ConfigError(
+                f"eval.probe_size={probe_size} needs a held-out set (eval.heldout or eval.benchmarks): the probe "
+                "is its first problems"
+            )
+        batch_size = cfg.eval.get("probe_batch_size", 64)
+        _require_int(batch_size, "eval.probe_batch_size", 1)
+        problems = evaluation.benchmarks[0].problems[:probe_size]
+        temperature = instantiate_node(cfg.sampling).logprob_temperature
+        try:
+            probe = ProbeEntropy.from_sampler(evaluation.sampler, problems, temperature, batch_size)
+        except ValueError as e:
+            raise ConfigError(f"eval.probe_size: {e}") from e
+        log.info(
+            "probe entropy: %d problems of %s, gold answers teacher-forced (%d answer tokens), T = %g",
+            len(probe),
+            evaluation.benchmarks[0].name,
+            sum(len(a) for a in probe.answer_ids),
+            temperature,
+        )
     if evaluation is not None:
-        callbacks.append(HeldOutEvaluation(evaluation, cfg.eval.every_n_iterations, cfg.eval.at_start))
+        callbacks.append(HeldOutEvaluation(evaluation, cfg.eval.every_n_iterations, cfg.eval.at_start, probe))
     return callbacks
 
 
-def build_loggers(cfg: Any, keep_csv_up_to_step: int = -1) -> list[Any]:
-    """The ``logger`` group's loggers (configs/logger); a resumed run's CSV keeps the rows up to its checkpoint."""
+def build_loggers(cfg: Any, resume: Any | None = None) -> list[Any]:
+    """The ``logger`` group's loggers (configs/logger). Resuming (``runs.Resume``), the CSV keeps the completed
+    iterations' rows and TensorBoard starts with a ``purge_step`` at the resumed step, which makes it drop the
+    events the cut iteration had logged: every row once, on one step axis."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
     from nft_lit.runs import ContinuingCSVLogger
 
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
         if node is None:
             continue
-        resumable = issubclass(import_target(node._target_), ContinuingCSVLogger)
-        loggers.append(instantiate_node(node, **({"keep_up_to_step": keep_csv_up_to_step} if resumable else {})))
+        kind, extra = import_target(node._target_), {}
+        if issubclass(kind, ContinuingCSVLogger):
+            extra = {"resume": resume}
+        elif issubclass(kind, TensorBoardLogger) and resume is not None:
+            extra = {"purge_step": resume.log_step}
+        loggers.append(instantiate_node(node, **extra))
         log.debug("logger %s: %s", name, node._target_)
     return loggers
 
@@ -245,7 +315,7 @@ def build_loggers(cfg: Any, keep_csv_up_to_step: int = -1) -> list[Any]:
 def build_trainer(
     cfg: Any,
     evaluation: Any | None = None,
-    keep_csv_up_to_step: int = -1,
+    resume: Any | None = None,
     datamodule: Any | None = None,
     **overrides: Any,
 ) -> Any:
@@ -256,7 +326,7 @@ def build_trainer(
     from nft_lit.callbacks import PhaseProgressBar
 
     callbacks = build_callbacks(cfg, evaluation)
-    loggers = build_loggers(cfg, keep_csv_up_to_step)
+    loggers = build_loggers(cfg, resume)
     if datamodule is not None:
         datamodule.on_phase = next(c for c in callbacks if isinstance(c, PhaseProgressBar)).set_phase
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, **overrides)
@@ -297,6 +367,42 @@ class Validation:
     run_cfg: Any
     prompt_cfg: Any
     evaluation: Any
+    checkpoint: dict[str, Any] | None = None  # global_step and epoch of the evaluated checkpoint
+
+    def facts(self, cfg: Any) -> dict[str, Any]:
+        """What ``validate.json`` records beside the results: the checkpoint (path, step, iteration), the
+        algorithm it was trained with, the model, the prompt, and each benchmark's problem set, split and protocol."""
+        from dataclasses import asdict
+
+        from omegaconf import OmegaConf
+
+        def plain(node: Any) -> Any:
+            return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+        return {
+            "ckpt_path": None if cfg.get("ckpt_path") is None else str(cfg.ckpt_path),
+            "checkpoint": self.checkpoint,
+            "algorithm": OmegaConf.select(self.run_cfg, "algorithm.name"),
+            "model": plain(self.run_cfg.model),
+            "prompt": plain(self.prompt_cfg),
+            "benchmarks": [
+                {
+                    "name": b.name,
+                    "problem_set": getattr(b.problems, "name", None),
+                    "split": _split_of(b.problems),
+                    "problems": len(b.problems),
+                    "num_samples": b.num_samples,
+                    **asdict(b.sampling),
+                }
+                for b in self.evaluation.benchmarks
+            ],
+        }
+
+
+def _split_of(problems: Any) -> str | None:
+    """The split a problem set was drawn from: the last part of a ``ProblemSet`` name (``gsm8k/test``)."""
+    name = getattr(problems, "name", None)
+    return name.rsplit("/", 1)[-1] if isinstance(name, str) and "/" in name else None
 
 
 def build_validation(cfg: Any, prompt_from_command_line: bool) -> Validation:
@@ -306,9 +412,14 @@ def build_validation(cfg: Any, prompt_from_command_line: bool) -> Validation:
     without one (random init) is saved under the run dir first."""
     from nft_lit.evaluation import Evaluation
 
+    checkpoint = None
     if cfg.get("ckpt_path") is not None:
+        from nft_lit.runs import read_checkpoint, resolve_checkpoint
+
         module, run_cfg = load_policy(str(cfg.ckpt_path))
         model = module.model.eval()
+        saved = read_checkpoint(resolve_checkpoint(str(cfg.ckpt_path), "."))
+        checkpoint = {"global_step": int(saved["global_step"]), "iterations_done": int(saved.get("epoch", -1)) + 1}
     elif cfg.get("model") is not None:  # no checkpoint: the base policy's "before" numbers
         from nft_lit.models import load_model
 
@@ -323,4 +434,4 @@ def build_validation(cfg: Any, prompt_from_command_line: bool) -> Validation:
     sampler = build_sampler(cfg, engine, tokenizer=tokenizer, prompt_template=prompt)
     benchmarks = build_benchmarks(cfg, fallback_to_data=True)
     evaluation = Evaluation(benchmarks, sampler, cfg.eval.batch_prompts, show_progress=True, record_answers=True)
-    return Validation(model, run_cfg, prompt_cfg, evaluation)
+    return Validation(model, run_cfg, prompt_cfg, evaluation, checkpoint)

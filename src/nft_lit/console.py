@@ -41,5 +41,12 @@ def quiet_lightning() -> None:
     # Epoch-level rollout/held-out metrics are computed from data gathered over all ranks: identical everywhere,
     # so syncing them (what this warning recommends, under cpu_fsdp2 20 times a run) would change nothing.
     warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level")
+    # vLLM's CPU build, imported lazily by the engine: a deprecated torch alias in its triton shim, and torch's note
+    # that triton is absent (scripts/setup.sh removes the CUDA triton on purpose).
+    warnings.filterwarnings("ignore", message=r".*distributed\.reduce_op.* is deprecated", category=FutureWarning)
+    logging.getLogger("torch._library.triton").setLevel(logging.ERROR)
+    # The policy trains in train mode (PolicyModule.configure_model); what stays in eval mode is the frozen KL
+    # reference, on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     # last.ckpt is rewritten after every iteration on purpose, and a resume continues in its own folder.
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")

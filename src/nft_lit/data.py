@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
-from nft_lit.reward import extract_boxed
+from nft_lit.answers import extract_boxed
 
 __all__ = ["DATASETS", "Problem", "ProblemSet", "load_problems", "resolve_data_dir"]
 
@@ -228,6 +228,59 @@ def _normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
+def _records(
+    name: str, split: str, data_dir: str | None, hf_dataset: str | None, hf_config: str | None
+) -> tuple[str, Iterator[tuple[int, dict[str, Any]]]]:
+    """(origin for messages, numbered records) of ``name``/``split``: ``hf_dataset`` if given, else the local file."""
+    if hf_dataset is not None:
+        return f"{hf_dataset}[{split}]", _hf_records(hf_dataset, hf_config, split)
+    spec = DATASETS[name]
+    path = resolve_data_dir(data_dir) / spec.files[split]
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"load_problems: {path} not found for {name}/{split}; set data.data_dir or NFT_DATA_DIR to the "
+            f"folder holding {spec.files[split]}"
+        )
+    return str(path), read_records(path)
+
+
+def _math500_exclusions(data_dir: str | None) -> tuple[set[str], set[str]]:
+    """The ids and normalised question texts of MATH500, which the ``math`` training split must not hold."""
+    held_out = load_problems("math500", "test", data_dir=data_dir, decontaminate=False)
+    return {p.id for p in held_out}, {_normalize_text(p.question) for p in held_out}
+
+
+def _parse_records(
+    records: Iterator[tuple[int, dict[str, Any]]],
+    parse: Callable[[dict[str, Any]], tuple[str, str, str | None]],
+    origin: str,
+    name: str,
+    split: str,
+    excluded: tuple[set[str], set[str]],
+    limit: int | None,
+) -> tuple[list[Problem], list[int]]:
+    """The problems ``parse`` reads from ``records`` (at most ``limit``; none whose id or text is ``excluded``)
+    and the line numbers of the records without an answer, which are skipped."""
+    excluded_ids, excluded_texts = excluded
+    problems = []
+    unanswerable = []
+    for line_no, record in records:
+        try:
+            question, answer, raw_id = parse(record)
+        except _FieldError as exc:
+            raise ValueError(f"{origin}:{line_no}: {exc}") from None
+        except _EmptyAnswer:
+            # No answer means no reward signal; the source data has such defects, so skip and say so.
+            unanswerable.append(line_no)
+            continue
+        if raw_id in excluded_ids or _normalize_text(question) in excluded_texts:
+            continue
+        problems.append(Problem(raw_id or f"{name}/{split}/{line_no}", question, answer, name))
+        if limit is not None and len(problems) >= limit:
+            break
+    return problems, unanswerable
+
+
 def load_problems(
     name: str,
     split: str = "test",
@@ -258,40 +311,10 @@ def load_problems(
         )
     if limit is not None and limit < 1:
         raise ValueError(f"load_problems: limit must be a positive integer or null, got {limit}")
-    if hf_dataset is not None:
-        origin, records = f"{hf_dataset}[{split}]", _hf_records(hf_dataset, hf_config, split)
-    else:
-        path = resolve_data_dir(data_dir) / spec.files[split]
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"load_problems: {path} not found for {name}/{split}; set data.data_dir or NFT_DATA_DIR to the "
-                f"folder holding {spec.files[split]}"
-            )
-        origin, records = str(path), read_records(path)
-
-    excluded_ids: set[str] = set()
-    excluded_texts: set[str] = set()
-    if decontaminate and name == "math" and split == "train":
-        held_out = load_problems("math500", "test", data_dir=data_dir, decontaminate=False)
-        excluded_ids = {p.id for p in held_out}
-        excluded_texts = {_normalize_text(p.question) for p in held_out}
-
-    problems = []
-    unanswerable = []
-    for line_no, record in records:
-        try:
-            question, answer, raw_id = spec.parse(record)
-        except _FieldError as exc:
-            raise ValueError(f"{origin}:{line_no}: {exc}") from None
-        except _EmptyAnswer:
-            # No answer means no reward signal; the source data has such defects, so skip and say so.
-            unanswerable.append(line_no)
-            continue
-        if raw_id in excluded_ids or _normalize_text(question) in excluded_texts:
-            continue
-        problems.append(Problem(raw_id or f"{name}/{split}/{line_no}", question, answer, name))
-        if limit is not None and len(problems) >= limit:
-            break
+    origin, records = _records(name, split, data_dir, hf_dataset, hf_config)
+    decontaminated = decontaminate and name == "math" and split == "train"
+    excluded = _math500_exclusions(data_dir) if decontaminated else (set(), set())
+    problems, unanswerable = _parse_records(records, spec.parse, origin, name, split, excluded, limit)
     if unanswerable:
         warnings.warn(
             f"load_problems: skipped {len(unanswerable)} record(s) of {origin} with an empty answer "

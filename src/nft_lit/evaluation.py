@@ -4,6 +4,9 @@ The paper reports avg@32 on AIME24/AIME25/AMC23 and avg@1 on MATH500/Olympiad/Mi
 0.7 at temperature 1.0 (7B) or 0.6 (32B). ``avg@k`` is the mean correctness of k samples per problem;
 ``pass@k`` is the unbiased estimator 1 − C(n−c, k)/C(n, k) from n ≥ k samples with c correct (Chen et al.,
 2021). Problems are sharded over ranks and the metrics' states are summed across them.
+
+``ProbeEntropy`` measures the policy's uncertainty apart from what it samples: the mean per-token entropy of
+its next-token distribution over a fixed set of teacher-forced answers (the same at every evaluation).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from tqdm.auto import tqdm
 
 from nft_lit.data import Problem, ProblemSet
 from nft_lit.distributed import all_gather_objects, shard_batches
-from nft_lit.rollout import SamplingParams
+from nft_lit.prompts import PromptTemplate, encode_prompt
+from nft_lit.rollout import SamplingParams, pad_left, pad_right
 from nft_lit.sampler import Sampler, ScoredAnswers
 
 
@@ -215,6 +219,133 @@ class Evaluation:
         if mine is not None:
             self.answers = [a for part in all_gather_objects(mine) for a in part]
         return out
+
+
+@dataclass(frozen=True)
+class ProbeEntropyResult:
+    """One measurement of ``ProbeEntropy``: the token mean (the headline), the mean over sequences of each
+    sequence's token mean, the counts it averaged over and its seconds."""
+
+    token_mean: float
+    sequence_mean: float
+    tokens: int
+    sequences: int
+    seconds: float
+
+
+class ProbeEntropy:
+    """The policy's mean per-token entropy on a fixed probe: teacher-forced, no sampling.
+
+    The sampled-answer entropy (``train/entropy``) moves with what the policy samples (shorter answers, fewer
+    high-entropy tokens) whatever its uncertainty; this measure holds the text fixed. The probe is the same
+    prompts and the same answers at every evaluation, for every run and seed: the ``problems`` given (the
+    front end passes the first ``eval.probe_size`` problems of the held-out set) with their **gold answers**
+    as the answer text. Each sequence is the prompt, encoded exactly as the sampler encodes it
+    (``encode_prompt`` with the run's prompt template and tokenizer), followed by the answer tokens
+    ``tokenizer.encode(gold, add_special_tokens=False) + [eos_token_id]`` (the EOS left out when the tokenizer
+    has none), the encoding the demo's SFT warm-up trains on. At every answer position t (the positions whose
+    next-token distribution predicts answer token t, the EOS included) it takes
+
+        H_t = −Σ_v p_v log p_v,   p = softmax(logits_t / T)
+
+    in float32, with T the training temperature (the log-prob convention ``log_softmax(logits / T)``), and
+    ``run`` returns the mean of H_t over all answer tokens of the probe (token mean); ``measure`` also gives
+    the mean over sequences of each sequence's token mean.
+
+    One forward per batch of ``batch_size`` sequences (fixed batches in probe order, so the padding, and the
+    number, is the same every time), in eval mode under ``no_grad``, the mode restored after: it draws no
+    random number and changes no weight, so it cannot change training. Every rank computes the whole probe on
+    its model (no collective of its own): an FSDP2-sharded model all-gathers its parameters in each forward,
+    so every rank must run the same forwards, and they do; every rank gets the same number.
+    """
+
+    def __init__(
+        self,
+        problems: Sequence[Any],
+        tokenizer: Any,
+        prompt_template: PromptTemplate | None = None,
+        temperature: float = 1.0,
+        batch_size: int = 64,
+    ) -> None:
+        if len(problems) == 0:
+            raise ValueError("ProbeEntropy: the probe has no problem (eval.probe_size)")
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"ProbeEntropy: temperature must be > 0 (logits / T), got {temperature!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"eval.probe_batch_size must be an integer >= 1, got {batch_size!r}")
+        self.temperature = float(temperature)
+        self.batch_size = batch_size
+        eos = getattr(tokenizer, "eos_token_id", None)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad if pad is not None else eos if eos is not None else 0)
+        self.prompt_ids = [encode_prompt(p.question, prompt_template, tokenizer) for p in problems]
+        self.answer_ids = [
+            [*tokenizer.encode(p.answer, add_special_tokens=False), *([eos] if eos is not None else [])]
+            for p in problems
+        ]
+        for p, prompt, answer in zip(problems, self.prompt_ids, self.answer_ids, strict=True):
+            if not prompt or not answer:
+                raise ValueError(
+                    f"ProbeEntropy: problem {getattr(p, 'id', p.question)!r} has an empty prompt or answer"
+                )
+
+    @classmethod
+    def from_sampler(
+        cls, sampler: Sampler, problems: Sequence[Any], temperature: float, batch_size: int = 64
+    ) -> ProbeEntropy:
+        """The probe of ``problems`` encoded as ``sampler`` encodes prompts (its tokenizer and template)."""
+        return cls(problems, sampler.tokenizer, sampler.prompt_template, temperature, batch_size)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def run(self, model: nn.Module) -> float:
+        """The headline: the mean next-token entropy over every answer token of the probe (nats)."""
+        return self.measure(model).token_mean
+
+    def measure(self, model: nn.Module) -> ProbeEntropyResult:
+        """Token mean and sequence mean of the probe's answer-position entropies under ``model``."""
+        started = time.perf_counter()
+        device = next(model.parameters()).device
+        total, tokens, per_sequence = 0.0, 0, []
+        was_training = model.training
+        model.eval()  # dropout would draw random numbers and blur the measure
+        try:
+            with torch.no_grad():
+                for start in range(0, len(self), self.batch_size):
+                    end = start + self.batch_size
+                    entropy, mask = self._batch(model, self.prompt_ids[start:end], self.answer_ids[start:end], device)
+                    total += float(entropy.sum(dtype=torch.float64))
+                    tokens += int(mask.sum())
+                    per_sequence += (entropy.sum(-1, dtype=torch.float64) / mask.sum(-1)).tolist()
+        finally:
+            model.train(was_training)
+        return ProbeEntropyResult(
+            token_mean=total / tokens,
+            sequence_mean=math.fsum(per_sequence) / len(per_sequence),
+            tokens=tokens,
+            sequences=len(per_sequence),
+            seconds=time.perf_counter() - started,
+        )
+
+    def _batch(
+        self, model: nn.Module, prompts: list[list[int]], answers: list[list[int]], device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """Entropies [B, A] (zero at padding) and the answer mask [B, A] of one batch: left-padded prompts,
+        right-padded answers, positions from the mask, as the training forward builds them."""
+        prompt_ids, prompt_mask = pad_left(prompts, self.pad_id)
+        answer_ids = pad_right(answers, self.pad_id, torch.long)
+        answer_mask = pad_right([[1] * len(a) for a in answers], 0, torch.long)
+        input_ids = torch.cat([prompt_ids, answer_ids], 1).to(device)
+        attention_mask = torch.cat([prompt_mask, answer_mask], 1).to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        keep = answer_ids.shape[1] + 1  # logits at t predict token t + 1: the answer's from column P - 1 on
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep
+        ).logits
+        logp = torch.log_softmax(logits[:, -keep:-1].float() / self.temperature, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1).cpu()
+        return torch.where(answer_mask.bool(), entropy, 0.0), answer_mask
 
 
 def write_results(results: dict[str, float], path: str | Path, extra: dict[str, Any] | None = None) -> Path:

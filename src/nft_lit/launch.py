@@ -84,8 +84,9 @@ def launched_world_size() -> int | None:
     return None
 
 
-def check_launch(trainer: Any) -> None:
-    """Fail at start when the composed ``trainer`` node does not fit the processes this launch has."""
+def check_launch(trainer: Any) -> int:
+    """The world size the composed ``trainer`` node asks for; fails at start when it does not fit the processes
+    this launch has."""
     strategy = trainer.get("strategy")
     tp = strategy.get("tensor_parallel_size", 1) if hasattr(strategy, "get") else 1
     world, _ = parallel_sizes(trainer.get("num_nodes", 1), trainer.get("devices", 1), trainer.accelerator, tp)
@@ -96,6 +97,7 @@ def check_launch(trainer: Any) -> None:
             f" trainer.devices={trainer.get('devices', 1)} = {world}: set them to the launch (torchrun"
             " --nnodes/--nproc-per-node, srun --nodes/--ntasks-per-node)"
         )
+    return world
 
 
 def process_tag() -> str:
@@ -176,3 +178,19 @@ def check_command_line(argv: list[str], known: set[str]) -> None:
             existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
             if not os.access(existing, os.W_OK):
                 raise LaunchError(f"hydra.run.dir={value}: {existing} is not writable; choose another folder")
+
+
+def hydra_arguments(argv: list[str], command: str) -> list[str]:
+    """``argv`` as Hydra must see it for ``command``: checkpoint paths quoted (Lightning names them
+    ``epoch=3-step=9.ckpt``; Hydra would read the '=' as a second assignment), this process's own log file
+    (``launch_overrides``), and for ``validate`` / ``export`` a log of their own (``validate.log``), never the
+    ``cli.log`` of a fit run whose folder they are pointed at."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "ckpt_path" and "=" in value and value[:1] not in "'\"":
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    if command != "fit" and not any(a.startswith("hydra.job.name=") for a in argv):
+        out.append(f"hydra.job.name={command}")
+    return [*out, *launch_overrides(argv)]

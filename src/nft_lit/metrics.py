@@ -6,7 +6,9 @@ Every logger (TensorBoard, CSV, W&B, MLflow), ``nft-lit report`` and the progres
   ``iteration.rollout_statistics`` and the iteration stage (``driver.RolloutIteration``);
 - ``train/*``: the optimizer steps (``module.PolicyModule``), with the loss's own metrics under ``train/<name>``;
 - ``seconds/*``: where an iteration's time goes, one name per phase (``seconds_of``);
-- ``val/<benchmark>/avg@k`` and ``pass@k``: evaluation (``val_avg_at``, ``val_metric``).
+- ``val/<benchmark>/avg@k`` and ``pass@k``: evaluation (``val_avg_at``, ``val_metric``);
+- ``val/probe/*``: the policy's entropy on a fixed teacher-forced probe (``evaluation.ProbeEntropy``), logged
+  with the evaluation when ``eval.probe_size`` > 0.
 """
 
 from __future__ import annotations
@@ -88,6 +90,15 @@ def val_metric(key: str) -> str:
 def val_avg_at(name: str, k: int) -> str:
     """The avg@k of benchmark ``name`` as logged: ``val/<name>/avg@<k>``."""
     return f"{VAL_PREFIX}{name}/avg@{k}"
+
+
+# The probe entropy (evaluation.ProbeEntropy), measured with each held-out evaluation (callbacks.HeldOutEvaluation):
+# the mean next-token entropy (nats) over the answer tokens of a fixed set of teacher-forced gold answers, at the
+# training temperature. Unlike train/entropy (over the answers the policy sampled) the text it is measured on
+# never changes, so answer length cannot move it.
+PROBE_ENTROPY = "val/probe/entropy"  # the headline: mean over every answer token of the probe
+PROBE_ENTROPY_SEQUENCE_MEAN = "val/probe/entropy_sequence_mean"  # mean over sequences of each one's token mean
+PROBE_SECONDS = "val/probe/seconds"  # the probe's share of seconds/eval
 
 
 def parse_val_avg_at(metric: str) -> tuple[str, int] | None:

@@ -68,6 +68,41 @@ def build_char_tokenizer(alphabet: str) -> PreTrainedTokenizerFast:
     )
 
 
+def _check_tiny_lm(arch: str, sizes: dict[str, int], num_kv_heads: int | None, token_ids: dict[str, int]) -> int:
+    """Check the arguments of :func:`tiny_causal_lm` (``sizes`` by argument name, special ``token_ids`` by
+    "pad"/"eos"/"bos"); returns the number of key/value heads."""
+    if arch not in _ARCHS:
+        raise ValueError(f"tiny_causal_lm: arch must be one of {_ARCHS}, got {arch!r}")
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"tiny_causal_lm: {name} must be a positive int, got {value!r}")
+    hidden_size, num_heads, vocab_size = sizes["hidden_size"], sizes["num_heads"], sizes["vocab_size"]
+    if hidden_size % num_heads:
+        raise ValueError(f"tiny_causal_lm: hidden_size={hidden_size} not divisible by num_heads={num_heads}")
+    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if kv_heads <= 0 or num_heads % kv_heads:
+        raise ValueError(f"tiny_causal_lm: num_heads={num_heads} not divisible by num_kv_heads={kv_heads}")
+    for name, value in token_ids.items():
+        if not 0 <= value < vocab_size:
+            raise ValueError(f"tiny_causal_lm: {name}_token_id={value} outside vocab of size {vocab_size}")
+    return kv_heads
+
+
+def _random_init(arch: str, seed: int, config: dict[str, Any]) -> PreTrainedModel:
+    """The HF model of ``arch`` ("llama" or "qwen2") with ``config``, random-initialised from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    hf_config = config_cls(**config)
+    # Built on CPU whatever device the caller's context sets (Lightning's init context is the GPU for one
+    # device, none for ModelParallelStrategy): CUDA's generator draws other numbers for the same seed, and a
+    # seed must give the same model under every strategy. The caller moves it.
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(seed)
+        model = model_cls(hf_config)
+    return model.float()
+
+
 def tiny_causal_lm(
     arch: str = "llama",
     vocab_size: int = 16,
@@ -88,28 +123,16 @@ def tiny_causal_lm(
 
     Special-token ids default to the char tokenizer's. vLLM needs head size >= 32 (hidden_size / num_heads).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    if arch not in _ARCHS:
-        raise ValueError(f"tiny_causal_lm: arch must be one of {_ARCHS}, got {arch!r}")
-    for name, value in (
-        ("vocab_size", vocab_size),
-        ("hidden_size", hidden_size),
-        ("num_layers", num_layers),
-        ("num_heads", num_heads),
-        ("intermediate_size", intermediate_size),
-        ("max_position_embeddings", max_position_embeddings),
-    ):
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"tiny_causal_lm: {name} must be a positive int, got {value!r}")
-    if hidden_size % num_heads:
-        raise ValueError(f"tiny_causal_lm: hidden_size={hidden_size} not divisible by num_heads={num_heads}")
-    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if kv_heads <= 0 or num_heads % kv_heads:
-        raise ValueError(f"tiny_causal_lm: num_heads={num_heads} not divisible by num_kv_heads={kv_heads}")
-    for name, value in (("pad", pad_token_id), ("eos", eos_token_id), ("bos", bos_token_id)):
-        if not 0 <= value < vocab_size:
-            raise ValueError(f"tiny_causal_lm: {name}_token_id={value} outside vocab of size {vocab_size}")
+    sizes = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "intermediate_size": intermediate_size,
+        "max_position_embeddings": max_position_embeddings,
+    }
+    token_ids = {"pad": pad_token_id, "eos": eos_token_id, "bos": bos_token_id}
+    kv_heads = _check_tiny_lm(arch, sizes, num_kv_heads, token_ids)
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -124,15 +147,7 @@ def tiny_causal_lm(
         bos_token_id=bos_token_id,
         dtype="float32",
     )
-    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if arch == "llama" else (Qwen2Config, Qwen2ForCausalLM)
-    config = config_cls(**common)
-    # Built on CPU whatever device the caller's context sets (Lightning's init context is the GPU for one
-    # device, none for ModelParallelStrategy): CUDA's generator draws other numbers for the same seed, and a
-    # seed must give the same model under every strategy. The caller moves it.
-    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
-        torch.manual_seed(seed)
-        model = model_cls(config)
-    return model.float()
+    return _random_init(arch, seed, common)
 
 
 @dataclass

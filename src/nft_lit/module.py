@@ -214,6 +214,7 @@ class PolicyModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = load_model(self._model_source)  # type: ignore[arg-type]
+            self.model.train()  # from_pretrained leaves eval mode: train with the model's own dropout, as SFT
             self._make_reference()
         if self.activation_checkpointing and not self.model.is_gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,7 +1,7 @@
 """Prompt templates: how a question becomes prompt token ids (DAPO/NFT, Qwen-Math boxed, plain).
 
 The template decides what the verifier has to find: the DAPO/NFT template asks for a last line
-``Answer: $Answer``, the Qwen-Math one for ``\\boxed{}``; ``nft_lit.reward.extract_answer`` understands both.
+``Answer: $Answer``, the Qwen-Math one for ``\\boxed{}``; ``nft_lit.answers.extract_answer`` understands both.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Runs that differ only by ``seed`` form one group; the table gives mean ± std ov
 avg@k (``val/heldout/avg@k``, whatever k the run sampled) before RL (the base policy) and after the last
 iteration, like the paper's Table 1, and the curves show held-out accuracy and entropy per iteration like its
 Figures 6 and 8, with the train reward, the response length, the share of answers cut at the token limit and
-the rollout engine's log-prob gap.
+the rollout engine's log-prob gap (entropy: also on the fixed probe, ``val/probe/entropy``, when measured).
 
 Seed statistics (``seed_statistics``, computed by ``nft_lit.stats``) then say which differences the seeds
 resolve: per group the mean final held-out avg@k with a 95% bootstrap interval over seeds, and per pair of groups
@@ -19,12 +19,14 @@ import json
 import re
 import statistics
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from nft_lit.stats import CONFIDENCE, METHOD, METHOD_RECORD, MIN_SEEDS, RULES, SeedStatistics, compare_groups
+from nft_lit.metrics import PROBE_ENTROPY
+from nft_lit.report_stats import plot_intervals, stats_json, stats_table
+from nft_lit.stats import SeedStatistics, compare_groups
 
 METRICS_CSV = Path("csv") / "metrics.csv"
 HELDOUT = re.compile(r"^val/heldout/avg@(\d+)$")
@@ -33,7 +35,7 @@ GAP = "rollout/logprob_gap"
 CURVES = {
     "heldout_accuracy": (HELDOUT_CURVE, "held-out accuracy (avg@k)"),
     "train_reward": ("rollout/reward_mean", "train reward (mean over sampled answers)"),
-    "entropy": ("train/entropy", "entropy of sampled tokens (nats)"),
+    "entropy": ("train/entropy", "entropy (nats/token)"),
     "response_length": ("rollout/response_length_mean", "response length (tokens)"),
     "truncation": ("rollout/truncation_rate", "answers cut at max_new_tokens (share)"),
     "logprob_gap": (GAP, "log-prob gap, rollout engine vs trainer (nats/token)"),
@@ -74,7 +76,9 @@ def find_runs(paths: list[Path]) -> list[Path]:
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"report: {path} does not exist")
-        found += sorted(p.parent.parent for p in path.rglob(str(METRICS_CSV)))
+        # validate/export pointed at a fit run write into <run>/validate|export/<time>/: not runs of their own
+        runs = (p.parent.parent for p in path.rglob(str(METRICS_CSV)))
+        found += sorted(r for r in runs if r.parent.name not in ("validate", "export"))
     if not found:
         raise FileNotFoundError(f"report: no run folder (with {METRICS_CSV}) under {[str(p) for p in paths]}")
     return found
@@ -110,16 +114,16 @@ def load_run(run_dir: Path) -> Run:
     if not heldout:
         raise ValueError(f"report: {run_dir} logged no 'val/heldout/avg@k' (set eval.heldout in the experiment)")
     run.heldout_k, heldout_column = heldout[-1]
-    for name, (metric, _) in CURVES.items():
+    for metric in [*(m for m, _ in CURVES.values()), PROBE_ENTROPY]:
         column = heldout_column if metric == HELDOUT_CURVE else metric
         if column not in frame:
             continue
         rows = frame[frame[column].notna()]
         if rows.empty:
-            if name == "heldout_accuracy":
+            if metric == HELDOUT_CURVE:
                 raise ValueError(f"report: {run_dir / METRICS_CSV} has no value in its '{column}' column")
             continue
-        if name == "heldout_accuracy":
+        if metric in (HELDOUT_CURVE, PROBE_ENTROPY):
             # Evaluations log after iteration `epoch` (so x = epoch + 1), except the one before training.
             xs = [int(e) + 1 for e in rows["epoch"]]
             if at_start and xs:
@@ -159,15 +163,18 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
 
 
 def results_table(groups: dict[str, list[Run]]) -> str:
-    """Markdown table: held-out avg@k (%) of the base and after RL, mean ± std over seeds; the largest
-    log-prob gap between the rollout engine and the trainer over all iterations and seeds, if logged."""
+    """Markdown table: held-out avg@k (%) of the base and after RL, mean ± std over seeds; entropy first → last
+    (the probe's if measured); the largest log-prob gap between rollout engine and trainer (all iterations, seeds)."""
     ks = sorted({r.heldout_k for runs in groups.values() for r in runs})
     k = str(ks[0]) if len(ks) == 1 else "k"
     with_gap = any(GAP in r.curves for runs in groups.values() for r in runs)
+    with_probe = any(PROBE_ENTROPY in r.curves for runs in groups.values() for r in runs)
     lines = [
         f"| run | seeds | held-out avg@{k} before (%) | after (%) | gain (points) | train reward after (%) "
-        "| entropy first → last iteration |" + (" max log-prob gap |" if with_gap else ""),
-        "|---|---|---|---|---|---|---|" + ("---|" if with_gap else ""),
+        "| entropy first → last iteration |"
+        + " probe entropy first → last evaluation |" * with_probe
+        + " max log-prob gap |" * with_gap,
+        "|---|---|---|---|---|---|---|" + "---|" * (with_probe + with_gap),
     ]
     notes = []
     for label, runs in groups.items():
@@ -182,17 +189,21 @@ def results_table(groups: dict[str, list[Run]]) -> str:
                 " training (eval.every_n_iterations > iterations?): not in 'after' and 'gain'"
             )
         reward = [r.last("rollout/reward_mean") for r in runs if "rollout/reward_mean" in r.curves]
-        ent = [(r.first("train/entropy"), r.last("train/entropy")) for r in runs if "train/entropy" in r.curves]
-        ent_txt = (
-            f"{statistics.fmean(e[0] for e in ent):.3f} → {statistics.fmean(e[1] for e in ent):.3f}" if ent else "–"
-        )
+        ent_txt = _first_to_last(runs, "train/entropy")
+        probe_txt = f" {_first_to_last(runs, PROBE_ENTROPY)} |" if with_probe else ""
         gaps = [y for r in runs for _, y in r.curves.get(GAP, [])]
         gap_txt = (f" {max(gaps):.1e} |" if gaps else " – |") if with_gap else ""
         lines.append(
             f"| {label} | {len(runs)} | {_fmt(before)} | {_fmt(after) if after else '–'} | "
-            f"{_fmt(gain) if gain else '–'} | {_fmt(reward) if reward else '–'} | {ent_txt} |{gap_txt}"
+            f"{_fmt(gain) if gain else '–'} | {_fmt(reward) if reward else '–'} | {ent_txt} |{probe_txt}{gap_txt}"
         )
     return "\n".join(lines + [f"\nNote: {n}" for n in notes])
+
+
+def _first_to_last(runs: list[Run], metric: str) -> str:
+    """The first → last point of a curve, each the mean over the runs that logged it; "–" when none did."""
+    ends = [(r.first(metric), r.last(metric)) for r in runs if metric in r.curves]
+    return f"{statistics.fmean(e[0] for e in ends):.3f} → {statistics.fmean(e[1] for e in ends):.3f}" if ends else "–"
 
 
 def time_table(groups: dict[str, list[Run]]) -> str:
@@ -253,7 +264,7 @@ def per_run_table(runs: list[Run]) -> str:
 
 
 def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
-    """One PNG per curve: mean over seeds per iteration, shaded ± std."""
+    """One PNG per curve: mean over seeds per iteration, shaded ± std; entropy.png adds the probe's, dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -263,19 +274,21 @@ def plot_curves(groups: dict[str, list[Run]], out_dir: Path) -> list[Path]:
     for name, (metric, ylabel) in CURVES.items():
         fig, ax = plt.subplots(figsize=(6, 4))
         drawn = False
-        for label, runs in groups.items():
-            by_x: dict[int, list[float]] = {}
-            for run in runs:
-                for x, y in run.curves.get(metric, []):
-                    by_x.setdefault(x, []).append(y)
-            if not by_x:
-                continue
-            xs = sorted(by_x)
-            stats = [_mean_std(by_x[x]) for x in xs]
-            means = [m for m, _ in stats]
-            ax.plot(xs, means, label=label, marker="o" if len(xs) < 20 else None, markersize=3)
-            ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
-            drawn = True
+        for shown in [metric, PROBE_ENTROPY] if name == "entropy" else [metric]:
+            for i, (label, runs) in enumerate(groups.items()):  # one colour per group, the probe's dashed
+                by_x: dict[int, list[float]] = {}
+                for run in runs:
+                    for x, y in run.curves.get(shown, []):
+                        by_x.setdefault(x, []).append(y)
+                if not by_x:
+                    continue
+                xs = sorted(by_x)
+                stats = [_mean_std(by_x[x]) for x in xs]
+                means = [m for m, _ in stats]
+                probe = dict(ls="--", label=f"{label}, fixed probe") if shown == PROBE_ENTROPY else dict(label=label)
+                ax.plot(xs, means, color=f"C{i}", marker="o" if len(xs) < 20 else None, markersize=3, **probe)
+                ax.fill_between(xs, [m - s for m, s in stats], [m + s for m, s in stats], color=f"C{i}", alpha=0.2)
+                drawn = True
         if not drawn:
             plt.close(fig)
             continue
@@ -308,102 +321,6 @@ def seed_statistics(groups: dict[str, list[Run]]) -> SeedStatistics:
         else:
             skipped.append(label)
     return compare_groups(metric, finals, skipped)
-
-
-def _interval(low: float | None, high: float | None, scale: float, digits: int) -> str:
-    return "–" if low is None or high is None else f"[{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
-
-
-def stats_table(stats: SeedStatistics) -> str:
-    """Markdown: the group table (mean and interval, %), the pair table (P(X > Y), interval, verdict, seeds per
-    group to resolve), then notes, the method and the seed rule."""
-    lines = [
-        f"Seed statistics: {stats.metric} (one value per seed).",
-        "",
-        f"| run | seeds | mean (%) | {CONFIDENCE:.0%} CI (%) | note |",
-        "|---|---|---|---|---|",
-    ]
-    for g in stats.groups:
-        lines.append(
-            f"| {g.label} | {len(g.values)} | {100 * g.mean:.1f} | {_interval(g.low, g.high, 100, 1)} | {g.note} |"
-        )
-    if stats.pairs:
-        lines += [
-            "",
-            f"| X vs Y | seeds | P(X > Y) | {CONFIDENCE:.0%} CI | verdict | seeds per group to resolve |",
-            "|---|---|---|---|---|---|",
-        ]
-        for p in stats.pairs:
-            if p.resolved:
-                need = "–"
-            elif p.seeds_to_resolve is None:
-                need = "– (no difference seen)"
-            else:
-                need = f"≈ {p.seeds_to_resolve} (projected)"
-            lines.append(
-                f"| {p.x} vs {p.y} | {p.n_x} vs {p.n_y} | {p.prob:.2f} | {_interval(p.low, p.high, 1, 2)} | "
-                f"{p.verdict} | {need} |"
-            )
-    elif len(stats.groups) == 1:
-        lines += ["", "One group: no pair to compare."]
-    notes = [f"{p.x} vs {p.y}: {p.note}" for p in stats.pairs if p.note]
-    notes += [f"{label}: no held-out evaluation after training, left out" for label in stats.skipped]
-    lines += [""] + [f"Note: {n}" for n in notes] + [f"Method: {METHOD}.", f"Seeds needed: {RULES}."]
-    return "\n".join(lines).replace("\n\n\n", "\n\n")
-
-
-JSON_KEYS = {"low": "ci", "prob": "p_x_better", "seeds_to_resolve": "seeds_per_group_to_resolve"}
-
-
-def _json_record(fields: dict) -> dict:
-    """A GroupStats or PairStats (``asdict``) for stats.json: renamed by ``JSON_KEYS``, "ci" [low, high] or null."""
-    record = {JSON_KEYS.get(name, name): value for name, value in fields.items() if name != "high"}
-    record["ci"] = None if fields["low"] is None or fields["high"] is None else [fields["low"], fields["high"]]
-    return record
-
-
-def stats_json(stats: SeedStatistics) -> dict:
-    """What ``stats.json`` holds: values as fractions, the groups and the pairs as ``_json_record``s."""
-    return {
-        "metric": stats.metric,
-        "confidence": CONFIDENCE,
-        "method": METHOD_RECORD,
-        "min_seeds_per_group": MIN_SEEDS,
-        "rules": RULES,
-        "groups": [_json_record(asdict(g)) for g in stats.groups],
-        "pairs": [_json_record(asdict(p)) for p in stats.pairs],
-        "skipped": stats.skipped,
-    }
-
-
-def plot_intervals(stats: SeedStatistics, out_dir: Path) -> Path | None:
-    """``seed_intervals.png``: one horizontal bar per group (mean and interval) over its seeds' values; None
-    (no file) when no group has the 2 seeds an interval needs."""
-    if not any(g.low is not None for g in stats.groups):
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.5 * len(stats.groups)))
-    for i, g in enumerate(stats.groups):
-        ax.scatter([100 * v for v in g.values], [i] * len(g.values), color="grey", s=12, alpha=0.6, zorder=2)
-        if g.low is None or g.high is None:
-            ax.plot([100 * g.mean], [i], "o", mfc="none", color="C0", zorder=3)
-            continue
-        err = [[100 * (g.mean - g.low)], [100 * (g.high - g.mean)]]
-        ax.errorbar([100 * g.mean], [i], xerr=err, fmt="o", color="C0", capsize=4, zorder=3)
-    ax.set_yticks(range(len(stats.groups)), [f"{g.label} (n={len(g.values)})" for g in stats.groups], fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"{stats.metric} (%)")
-    ax.set_title(f"mean and {CONFIDENCE:.0%} percentile-bootstrap interval over seeds (grey: the seeds)", fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    path = out_dir / "seed_intervals.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def report(paths: list[Path], out_dir: Path) -> tuple[str, list[Path]]:

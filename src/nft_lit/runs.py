@@ -11,8 +11,11 @@
   process, so ``nft-lit validate`` / ``export`` take it as they take a file);
 - ``ckpt_path=last`` resumes from the newest complete checkpoint of the folder, file or sharded folder, and any
   ``ckpt_path`` is checked to be a complete checkpoint before anything is built (``resolve_checkpoint``);
-- a resume refuses a changed algorithm, model, data, prompt, reward, sampling or seed (``config_changes``);
-- ``csv/metrics.csv`` keeps the rows logged before the resumed checkpoint (``ContinuingCSVLogger``).
+- a resume compares the whole resolved config (``config_changes``): how long, how often to evaluate or save
+  and where to log may change; anything else, or a value the checkpoint's optimizer state overrides, is refused;
+- one step axis for every logged row (``Resume.log_step``): ``csv/metrics.csv`` keeps exactly the completed
+  iterations' rows (``ContinuingCSVLogger``) and TensorBoard purges the cut iteration's events (``purge_step``);
+- ``validate`` / ``export`` pointed at the folder write into a sub-folder of their own (``own_folder``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import shutil
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -33,8 +37,23 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-# Config groups whose change makes a resumed run a different experiment.
-RESUME_MUST_MATCH = ("algorithm", "model", "data", "prompt", "reward", "sampling", "seed")
+# What a resume may change, by resolved key or key prefix: how long the run goes on, how often it evaluates and
+# saves, where it logs and speed knobs that draw the same distribution. Every other change makes it another run.
+RESUME_MAY_CHANGE = (
+    "iterations",
+    "trainer.max_epochs",
+    "eval.",
+    "logger.",
+    "checkpoint.",
+    "run_dir",
+    "trainer.default_root_dir",
+    "out",
+    "sampler.chunk_prompts",
+    "datamodule.max_logprob_gap",
+)
+# Restored from the checkpoint's optimizer state (AdamW's param groups and the schedule's base lr), so a new
+# value cannot take effect in a resumed run.
+RESUME_FROM_STATE = ("module.lr", "module.betas", "module.weight_decay")
 
 # A sharded checkpoint folder: Lightning's ``meta.pt`` (lightning.fabric.utilities.load._METADATA_FILENAME, the
 # checkpoint dict less ``state_dict`` and ``optimizer_states``) and DCP's ``.metadata`` (shard index).
@@ -79,10 +98,30 @@ class RunLock:
             ) from error
         return self
 
+    @staticmethod
+    def check_free(run_dir: str | os.PathLike[str] | None) -> None:
+        """Refuse (``RunError``, naming the pid) when a live run holds ``run_dir``'s lock; None: a new folder."""
+        if run_dir is None or not (Path(run_dir) / ".lock").exists():
+            return
+        with RunLock(run_dir):
+            pass
+
     def __exit__(self, *exc: object) -> None:
         # Unlinked while still held: a contender that opened the old file sees it unlinked and does not take it.
         self.path.unlink(missing_ok=True)
         self._lock.release()
+
+
+def own_folder(run_dir: str | os.PathLike[str], command: str) -> Path | None:
+    """Where ``validate`` / ``export`` write when ``run_dir`` holds a fit run (its checkpoints or CSV):
+    ``<run_dir>/<command>/<timestamp>/``, so they never rewrite the run's config, CSV or TensorBoard files; None
+    for any other folder (theirs alone)."""
+    import time
+
+    folder = Path(run_dir)
+    if not ((folder / "checkpoints").is_dir() or (folder / "csv").is_dir()):
+        return None
+    return folder / command / time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def _write_pid(fd: int) -> None:
@@ -259,23 +298,100 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: saved -> new`` for every value under ``RESUME_MUST_MATCH`` that differs between two resolved configs."""
-    before = _flatten({k: saved.get(k) for k in RESUME_MUST_MATCH})
-    after = _flatten({k: new.get(k) for k in RESUME_MUST_MATCH})
-    return [
-        f"{k}: {before.get(k)!r} -> {after.get(k)!r}"
-        for k in sorted(set(before) | set(after))
-        if before.get(k) != after.get(k)
-    ]
+@dataclass
+class ConfigChanges:
+    """``key: saved -> new`` lines of two resolved run configs, by what a resume can do with them."""
+
+    allowed: list[str]  # RESUME_MAY_CHANGE: noted, then the new value is used
+    from_state: list[str]  # RESUME_FROM_STATE: the checkpoint's state wins whatever the config says
+    experiment: list[str]  # anything else: another experiment
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) or key.startswith(p + ".") for p in patterns)
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> ConfigChanges:
+    """Every value that differs between the checkpoint's resolved config and the new one, classified."""
+    before, after = _flatten(saved), _flatten(new)
+    changes = ConfigChanges([], [], [])
+    for key in sorted(set(before) | set(after)):
+        if before.get(key) == after.get(key) or key in ("ckpt_path", "resume_force"):  # the resume's own options
+            continue
+        line = f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+        if _matches(key, RESUME_MAY_CHANGE):
+            changes.allowed.append(line)
+        elif _matches(key, RESUME_FROM_STATE):
+            changes.from_state.append(line)
+        else:
+            changes.experiment.append(line)
+    return changes
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a resumed run picks up. ``log_step`` is the step axis every logged row uses (Lightning's count of
+    training batches, which an iteration without an optimizer step also advances, unlike ``global_step``): rows of
+    the completed iterations lie below it, and the resumed run logs from it on."""
+
+    path: str
+    global_step: int
+    log_step: int
+    iterations_done: int
+    changes: ConfigChanges
+
+
+def resume_point(ckpt_path: str | None, run_dir: str, run_config: dict[str, Any], force: bool) -> Resume | None:
+    """Where ``ckpt_path`` resumes (None: a new run), and how the config changed, for ``ckpt_path``:
+    None (a new run), ``last``, ``auto`` (``last`` when ``run_dir`` has a complete checkpoint, else a new run:
+    one command line for a scheduler's first start and every requeue) or a checkpoint file or folder.
+
+    A resume is refused, listing the keys, when the config changed beyond ``RESUME_MAY_CHANGE`` (another
+    experiment) or in a value the checkpoint's state overrides (``RESUME_FROM_STATE``); ``force`` takes the
+    first kind, and the caller says that the second cannot take effect.
+    """
+    if ckpt_path is None:
+        return None
+    try:
+        path = resolve_checkpoint("last" if ckpt_path == "auto" else str(ckpt_path), run_dir)
+    except RunError:
+        if ckpt_path != "auto":
+            raise
+        return None
+    saved = read_checkpoint(path)
+    changes = config_changes(saved.get("nft_lit_config") or {}, run_config)
+    refused = changes.experiment + changes.from_state
+    if refused and not force:
+        raise RunError(
+            f"ckpt_path={ckpt_path} ({path}) was trained with another configuration; resuming would mix two"
+            " experiments or ignore a value the checkpoint's state overrides. Differences:\n  "
+            + "\n  ".join(refused)
+            + "\nPass the same overrides as the original run (its .hydra/overrides.yaml), or resume_force=true"
+            " to continue anyway."
+        )
+    loop = saved.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    global_step = int(saved["global_step"])
+    log_step = int(loop.get("_batches_that_stepped", global_step))
+    return Resume(str(path), global_step, log_step, int(saved.get("epoch", -1)) + 1, changes)
+
+
+def kept_row(row: dict[str, str], resume: Resume | None) -> bool:
+    """Whether a ``metrics.csv`` row logged before ``resume``'s checkpoint belongs to a completed iteration (kept)
+    or to the one that was cut short (logged again by the resumed run): by its ``epoch`` when it has one, else
+    (the LR monitor's rows) by the shared step axis. No resume: nothing is kept."""
+    if resume is None:
+        return False
+    if row.get("epoch"):
+        return int(float(row["epoch"])) < resume.iterations_done
+    return bool(row.get("step")) and int(float(row["step"])) < resume.log_step
 
 
 class _ContinuingWriter(ExperimentWriter):
-    """Keeps an existing ``metrics.csv`` up to ``keep_up_to_step`` (Lightning's writer deletes it), so a resumed
-    run's rows follow the ones logged before its checkpoint; rows of an iteration that was cut short go."""
+    """Keeps the rows of an existing ``metrics.csv`` that ``resume``'s completed iterations logged (Lightning's
+    writer deletes the file), so a resumed run's rows follow them, none lost and none twice."""
 
-    def __init__(self, log_dir: str, keep_up_to_step: int) -> None:
-        self.keep_up_to_step = keep_up_to_step
+    def __init__(self, log_dir: str, resume: Resume | None) -> None:
+        self.resume = resume
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
@@ -284,7 +400,7 @@ class _ContinuingWriter(ExperimentWriter):
             return
         with open(path, newline="") as handle:
             reader = csv.DictReader(handle)
-            rows = [r for r in reader if r.get("step") and int(float(r["step"])) <= self.keep_up_to_step]
+            rows = [r for r in reader if kept_row(r, self.resume)]
             keys = list(reader.fieldnames or [])
         self.metrics_keys = sorted(keys)
         with open(path, "w", newline="") as handle:
@@ -294,18 +410,18 @@ class _ContinuingWriter(ExperimentWriter):
 
 
 class ContinuingCSVLogger(CSVLogger):
-    """``CSVLogger`` whose ``metrics.csv`` survives a resume: rows up to ``keep_up_to_step`` stay (-1: none)."""
+    """``CSVLogger`` whose ``metrics.csv`` survives a resume: the completed iterations' rows stay (``kept_row``)."""
 
-    def __init__(self, save_dir: str, keep_up_to_step: int = -1, **kwargs: Any) -> None:
+    def __init__(self, save_dir: str, resume: Resume | None = None, **kwargs: Any) -> None:
         super().__init__(save_dir=save_dir, **kwargs)
-        self.keep_up_to_step = keep_up_to_step
+        self.resume = resume
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ContinuingWriter(self.log_dir, self.keep_up_to_step)
+            self._experiment = _ContinuingWriter(self.log_dir, self.resume)
         return self._experiment
 
 

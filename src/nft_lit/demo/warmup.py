@@ -143,30 +143,70 @@ def pass_rate(
     return sum(sampler.sample(problems, 1, sampling).correct) / len(problems)
 
 
-def warmup(
-    config: WarmupConfig, cache_dir: Path | None = None, *, force: bool = False, verbose: bool = False
-) -> WarmupResult:
-    """Train (or reuse) the base policy for ``config``; returns its HF folder and measured pass rates."""
-    folder = (cache_dir or default_cache_dir()) / config.name
+def _cached(config: WarmupConfig, folder: Path) -> WarmupResult | None:
+    """The result stored in ``folder`` by an earlier warm-up of this very config, if there is one."""
     meta_path = folder / _META
-    if not force and meta_path.is_file():
+    if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == config.key():
             return WarmupResult(path=folder, reused=True, **meta["result"])
+    return None
 
-    start = time.perf_counter()
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    tokenizer = build_char_tokenizer(ALPHABET)
-    model = tiny_causal_lm(
+
+def _base_model(config: WarmupConfig, vocab_size: int) -> PreTrainedModel:
+    """The random-init tiny Llama of ``config.model`` the warm-up trains."""
+    return tiny_causal_lm(
         arch="llama",
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=config.model.hidden_size,
         num_layers=config.model.num_layers,
         num_heads=config.model.num_heads,
         intermediate_size=config.model.intermediate_size,
         seed=config.seed,
     )
+
+
+def _sft_step(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    optimizer: torch.optim.Optimizer,
+    problems: list[Problem],
+) -> torch.Tensor:
+    """One teacher-forcing step on ``problems``; returns its loss."""
+    model.train()
+    ids, labels = _encode(tokenizer, problems)
+    loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
+def _save(folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, meta: dict) -> None:
+    """Write the HF folder and ``warmup.json`` beside ``folder``, then swap them in, so an interrupted warm-up
+    never leaves a folder that looks complete."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf_folder(model, tokenizer, tmp)
+    (tmp / _META).write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def warmup(
+    config: WarmupConfig, cache_dir: Path | None = None, *, force: bool = False, verbose: bool = False
+) -> WarmupResult:
+    """Train (or reuse) the base policy for ``config``; returns its HF folder and measured pass rates."""
+    folder = (cache_dir or default_cache_dir()) / config.name
+    cached = None if force else _cached(config, folder)
+    if cached is not None:
+        return cached
+
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    tokenizer = build_char_tokenizer(ALPHABET)
+    model = _base_model(config, len(tokenizer))
     train = sample_problems(ArithmeticTask(**config.sft_task), "train", config.train_size, config.seed)
     # The stop rule is measured on RL's own training distribution (its prompts, not its labels' use).
     probe = sample_problems(ArithmeticTask(**config.rl_task), "train", config.eval_size, config.seed + 10_000)
@@ -174,12 +214,7 @@ def warmup(
     history: list[dict[str, float]] = []
     rate = greedy_rate = 0.0
     for step in range(1, config.max_steps + 1):
-        model.train()
-        ids, labels = _encode(tokenizer, rng.sample(train, config.batch_size))
-        loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss = _sft_step(model, tokenizer, optimizer, rng.sample(train, config.batch_size))
         if step % config.eval_every:
             continue
         kw = {"max_new_tokens": config.max_new_tokens, "seed": config.seed + step}
@@ -208,14 +243,7 @@ def warmup(
         "seconds": time.perf_counter() - start,
         "history": history,
     }
-    # Write beside, then swap in, so an interrupted warm-up never leaves a folder that looks complete.
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf_folder(model, tokenizer, tmp)
-    meta = {"key": config.key(), "config": asdict(config), "result": result}
-    (tmp / _META).write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    _save(folder, model, tokenizer, {"key": config.key(), "config": asdict(config), "result": result})
     return WarmupResult(path=folder, reused=False, **result)
 
 
