@@ -142,3 +142,41 @@ def test_every_iteration_s_rows_survive_random_kills_once_each(tmp_path):
     for tag in ("train/loss", "rollout/reward_mean", "val/heldout/avg@1"):
         steps = _tb_steps(run, tag)
         assert steps == sorted(set(steps)) == _tb_steps(straight, tag), tag
+
+
+NOISE = ("💡", "in eval mode at the start of training", "exists and is not empty", "LeafSpec", "args parameter")
+
+
+@pytest.mark.slow
+def test_the_console_carries_only_what_a_user_acts_on(tmp_path):
+    """A pretrained policy (it used to train in eval mode, with Lightning's warning about it), a resume (the
+    checkpoint-folder warning) and the LightningCLI (tips, a deprecation, the args warning) say nothing of it."""
+    from nft_lit.models import ModelSpec, build_char_tokenizer, load_model, save_hf_folder
+
+    alphabet = "0123456789+-*="
+    tokenizer = build_char_tokenizer(alphabet)
+    spec = ModelSpec(tokenizer=f"char:{alphabet}", config={"hidden_size": 64, "num_layers": 2, "num_heads": 2})
+    folder = save_hf_folder(load_model(spec, tokenizer).eval(), tokenizer, tmp_path / "pretrained")
+    run = tmp_path / "run"
+    pretrained = [*SMOKE, "~model.config", f"+model.pretrained={folder}", "model.tokenizer=null"]
+    first = _nft_lit("fit", *pretrained, "iterations=1", f"hydra.run.dir={run}")
+    resumed = _nft_lit("fit", *pretrained, "iterations=2", "ckpt_path=last", f"hydra.run.dir={run}")
+    smoke = Path(__file__).parents[1] / "configs" / "lightning_cli" / "smoke.yaml"
+    lightning_cli = _nft_lit(
+        "cli", "fit", "--config", str(smoke), "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path)
+    )
+    for proc in (first, resumed, lightning_cli):
+        console = proc.stdout + proc.stderr
+        assert not [n for n in NOISE if n in console], console[-2000:]
+
+
+def test_report_errors_are_one_line_naming_the_path(tmp_path, capsys):
+    from nft_lit.report import report_command
+
+    lightning_logs = tmp_path / "lightning_logs" / "version_0"
+    lightning_logs.mkdir(parents=True)
+    (lightning_logs / "metrics.csv").write_text("epoch,step,train/loss\n0,0,1.0\n")
+    for path in (tmp_path / "missing", tmp_path / "lightning_logs"):
+        assert report_command([str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and str(path) in err

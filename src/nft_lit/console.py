@@ -35,7 +35,13 @@ def quiet_lightning() -> None:
         logger = logging.getLogger(name)
         logger.handlers = [h for h in logger.handlers if type(h) is not logging.StreamHandler]
         logger.propagate = True
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_advertising)  # added once
+    silence_noise()
+
+
+def silence_noise() -> None:
+    """Drop the lines that need no action, whatever handlers print (also under the LightningCLI)."""
+    if _no_advertising not in logging.getLogger("lightning.pytorch.utilities.rank_zero").filters:
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_advertising)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     # Epoch-level rollout/held-out metrics are computed from data gathered over all ranks: identical everywhere,

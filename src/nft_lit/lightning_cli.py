@@ -88,6 +88,9 @@ def build(argv: list[str], run: bool = True) -> Any:
             # Checkpoints carry the run config in `nft-lit fit`'s form, so `validate`/`export` read them too.
             self.model.run_config = lightning_cli_run_config(self.config.fit.as_dict())
 
+    from nft_lit.console import silence_noise
+
+    silence_noise()
     # `nft-lit cli` hands LightningCLI its own argv minus the sub-command on purpose: nothing to act on.
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     return RolloutCLI(
