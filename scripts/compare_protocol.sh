@@ -185,15 +185,18 @@ log "stage 1 chose lr $lr_nft for NFT, $lr_rft for RFT ($RESULTS_ROOT/$stage1/se
 
 # ---------------------------------------------------------------- stage 2: the negative term, on the test split
 stage2=negatives_cpu
+# Arm by arm, the isolating pair first (lambda 1 vs 0 at the same omega = 1 - r_hat), so that a cut-short protocol
+# still has whole seed sets for the comparisons that matter most.
 stage_runs $stage2 < <(
-    for seed in $SEEDS2; do
-        for lambda in 0 0.5 1; do
-            echo "algorithm=nft algorithm.loss.omega=dr_grpo algorithm.loss.neg_weight=$lambda module.lr=$lr_nft seed=$seed"
+    for arm in "dr_grpo 1" "dr_grpo 0" "rft" "dr_grpo 0.5" "uniform 1" "uniform 0"; do
+        read -r omega lambda <<<"$arm"
+        for seed in $SEEDS2; do
+            if [[ $omega == rft ]]; then
+                echo "algorithm=rft module.lr=$lr_rft seed=$seed"
+            else
+                echo "algorithm=nft algorithm.loss.omega=$omega algorithm.loss.neg_weight=$lambda module.lr=$lr_nft seed=$seed"
+            fi
         done
-        for lambda in 0 1; do
-            echo "algorithm=nft algorithm.loss.omega=uniform algorithm.loss.neg_weight=$lambda module.lr=$lr_nft seed=$seed"
-        done
-        echo "algorithm=rft module.lr=$lr_rft seed=$seed"
     done
 )
 "$nft" report "$OUT_ROOT/$stage2" --out "$RESULTS_ROOT/$stage2"
