@@ -20,8 +20,9 @@ from pathlib import Path
 
 from common import meta, write_json
 
+from nft_lit.answers import extract_boxed
 from nft_lit.data import load_problems
-from nft_lit.reward import MathVerifier, extract_boxed
+from nft_lit.reward import MathVerifier
 
 _INT = re.compile(r"-?\d+")
 _FRAC = re.compile(r"(-?)\\frac\{(\d+)\}\{(\d+)\}")
