@@ -260,3 +260,38 @@ def test_smollm2_math_takes_another_base_set_by_one_override(tmp_path):
     cfg = _compose("data@data.source=gsm8k", f"data.selection={tmp_path}")
     train = instantiate(cfg.data.problems, _convert_="object")
     assert train[0].source == "gsm8k" and train.name == "gsm8k/train[band:train]"
+
+
+def test_the_committed_smollm2_selection_is_valid_and_names_questions_of_the_base_set(monkeypatch):
+    """`experiment=smollm2_math` trains by default on the committed screen (data/selections/smollm2_words,
+    docs/RESULTS.md): a valid selection whose every id is a question of the experiment's base set, whose parts
+    are the hash split its summary.json records, and whose screen settings are the experiment's."""
+    from pathlib import Path
+
+    from nft_lit.selection import _REPO_ROOT
+
+    monkeypatch.delenv("NFT_LIT_BAND_SELECTION", raising=False)
+    cfg = _compose()
+    folder = _REPO_ROOT / cfg.data.selection
+    assert not Path(cfg.data.selection).is_absolute() and folder.parent == _REPO_ROOT / "data" / "selections"
+    records = read_selection(folder)
+    base = instantiate(cfg.data.source.problems, _convert_="object")
+    ids = {str(p.id) for p in base}
+    assert [r["id"] for r in records if r["id"] not in ids] == []
+    assert all(0 < r["correct"] < r["samples"] == cfg.algorithm.num_answers for r in records)
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    assert all(r["part"] == assign_part(r["id"], summary["split_seed"], summary["heldout_fraction"]) for r in records)
+    assert (summary["data"], summary["base_questions"]) == ("synthetic_words", len(base))
+    assert (summary["samples"], summary["temperature"], summary["top_p"], summary["max_new_tokens"]) == (
+        cfg.algorithm.num_answers,
+        cfg.sampling.temperature,
+        cfg.sampling.top_p,
+        cfg.sampling.max_new_tokens,
+    )
+    train = instantiate(cfg.data.problems, _convert_="object")
+    heldout = instantiate(cfg.eval.heldout, _convert_="object")
+    assert (len(records), len(train), len(heldout)) == (
+        summary["in_band"],
+        summary["train_questions"],
+        summary["heldout_questions"],
+    )

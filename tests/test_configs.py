@@ -1,5 +1,7 @@
 """Compose every config of every group; instantiate what can be built offline; bad values fail by name."""
 
+import re
+
 import pytest
 from _data_marks import needs_data
 from hydra import compose, initialize_config_dir
@@ -230,3 +232,67 @@ def test_sizes_that_do_not_fit_the_launch_fail_at_start_in_one_line(monkeypatch,
     with pytest.raises(ConfigError, match=message) as raised:
         check_config(cfg)
     assert "\n" not in str(raised.value)
+
+
+HEADER_MAX_LINES = 6  # what the file is, the command that runs it, a pointer to the docs (`# @package` not counted)
+COMMENT_MAX_CHARS = 120
+_QUOTED = re.compile(r'"(?:\\.|[^"\\])*"|\'[^\']*\'')
+
+
+def _inline_comment(line: str) -> bool:
+    return re.search(r"\s#", _QUOTED.sub("", line)) is not None
+
+
+def _comment_layout_problems(name: str, text: str) -> list[str]:
+    """Where a config's comments break "one line per value": a header longer than HEADER_MAX_LINES; after it, a
+    comment line that is not directly above the key it describes (same indentation; a run of comment lines, a
+    continuation of an inline comment, a comment before a blank line) or above a key with its own inline comment;
+    a comment line or commented value line longer than COMMENT_MAX_CHARS."""
+    lines = text.splitlines()
+    end = 0
+    while end < len(lines) and lines[end].startswith("#"):
+        end += 1
+    problems = []
+    header = [line for line in lines[:end] if not line.startswith("# @package")]
+    if len(header) > HEADER_MAX_LINES:
+        problems.append(f"{name}: a header of {len(header)} comment lines (at most {HEADER_MAX_LINES})")
+    for i, line in enumerate(lines):
+        comment = line.lstrip().startswith("#")
+        if (comment or _inline_comment(line)) and len(line) > COMMENT_MAX_CHARS:
+            problems.append(f"{name}:{i + 1}: {len(line)} characters (at most {COMMENT_MAX_CHARS})")
+        if not comment or i < end:
+            continue
+        below = lines[i + 1] if i + 1 < len(lines) else ""
+        indent = len(line) - len(line.lstrip())
+        if (
+            not below.strip()
+            or below.lstrip().startswith("#")
+            or len(below) - len(below.lstrip()) != indent
+            or _inline_comment(below)
+        ):
+            problems.append(f"{name}:{i + 1}: not one line directly above the value it describes: {line.strip()}")
+    return problems
+
+
+def test_config_comments_say_in_one_line_what_each_value_is():
+    """Configs say in one line what a value is and why; measurements and their dates live in docs/RESULTS.md.
+    A YAML under configs/ may open with a short header; after it a value's comment is inline on its line or one
+    full line directly above its key (not both), and no comment line runs past 120 characters."""
+    problems = [
+        p
+        for path in sorted(CONFIG_DIR.rglob("*.yaml"))
+        for p in _comment_layout_problems(str(path.relative_to(CONFIG_DIR)), path.read_text(encoding="utf-8"))
+    ]
+    assert not problems, "\n".join(problems)
+    good = '# @package _global_\n# What it is.\n#   nft-lit fit experiment=x\na: 1  # why\n# why b\nb:\n  c: "#1"\n'
+    assert _comment_layout_problems("good", good) == []
+    bad = {
+        "header": "#\n" * 7 + "a: 1\n",
+        "run": "a: 1\n# one\n# two\nb: 2\n",
+        "continuation": "a: 1    # one\n        # two\nb: 2\n",
+        "both": "a: 0\n# one\nb: 1  # two\n",
+        "dangling": "a: 1\n# one\n\nb: 2\n",
+        "long": "a: 1  # " + "x" * 120 + "\n",
+    }
+    for case, text in bad.items():
+        assert len(_comment_layout_problems(case, text)) == 1, case
