@@ -32,6 +32,9 @@ from nft_lit.losses.base import (
     aggregate_rows,
     group_sizes,
     group_stats,
+    masked_fraction,
+    metric_reductions,
+    ratio_metrics,
 )
 from nft_lit.losses.grpo import DAPOLoss, DrGRPOLoss, GRPOLoss
 from nft_lit.losses.infonca import InfoNCALoss
@@ -57,5 +60,8 @@ __all__ = [
     "aggregate_rows",
     "group_sizes",
     "group_stats",
+    "masked_fraction",
+    "metric_reductions",
     "omega_weight",
+    "ratio_metrics",
 ]

@@ -178,7 +178,7 @@ def aggregate(token_loss: Tensor, batch: LossBatch, agg: str, constant: float) -
 _RATIO_REDUCTIONS: dict[str, Reduction] = {"ratio/mean": "token_mean", "ratio/min": "min", "ratio/max": "max"}
 
 
-def _ratio_metrics(ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
+def ratio_metrics(ratio: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """``ratio/mean``, ``ratio/min``, ``ratio/max`` of ratio[mask] without materialising the boolean gather."""
     ratio = ratio.detach()
     count = mask.sum()
@@ -210,11 +210,11 @@ _METRIC_REDUCTIONS: dict[str, Reduction] = {
 }
 
 
-def _reductions(metrics: dict[str, Tensor]) -> dict[str, Reduction]:
+def metric_reductions(metrics: dict[str, Tensor]) -> dict[str, Reduction]:
     return {key: _METRIC_REDUCTIONS[key] for key in metrics}
 
 
-def _masked_frac(flags: Tensor, mask: Tensor) -> Tensor:
+def masked_fraction(flags: Tensor, mask: Tensor) -> Tensor:
     """Fraction of the masked positions where ``flags`` holds (count_nonzero: no int64 copy of the mask)."""
     return torch.count_nonzero(flags & mask) / torch.count_nonzero(mask).clamp(min=1)
 

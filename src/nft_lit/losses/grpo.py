@@ -13,10 +13,10 @@ from nft_lit.losses.base import (
     LossBatch,
     LossOutput,
     PolicyLoss,
-    _masked_frac,
-    _ratio_metrics,
-    _reductions,
     aggregate_rows,
+    masked_fraction,
+    metric_reductions,
+    ratio_metrics,
 )
 
 
@@ -93,14 +93,14 @@ class GRPOLoss(PolicyLoss):
             metrics = {
                 "loss/positive": pos_part,
                 "loss/negative": loss.detach() - pos_part,
-                **_ratio_metrics(ratio, mask),
-                "clip/high_frac": _masked_frac((ratio > 1.0 + self.clip_high) & positive_adv[:, None], mask),
-                "clip/low_frac": _masked_frac((ratio < 1.0 - self.clip_low) & negative_adv[:, None], mask),
+                **ratio_metrics(ratio, mask),
+                "clip/high_frac": masked_fraction((ratio > 1.0 + self.clip_high) & positive_adv[:, None], mask),
+                "clip/low_frac": masked_fraction((ratio < 1.0 - self.clip_low) & negative_adv[:, None], mask),
                 "advantage/mean": adv.mean(),
             }
             if self.dual_clip is not None:
-                metrics["clip/dual_frac"] = _masked_frac((ratio > self.dual_clip) & negative_adv[:, None], mask)
-        return LossOutput(loss, metrics, _reductions(metrics))
+                metrics["clip/dual_frac"] = masked_fraction((ratio > self.dual_clip) & negative_adv[:, None], mask)
+        return LossOutput(loss, metrics, metric_reductions(metrics))
 
 
 class DrGRPOLoss(GRPOLoss):

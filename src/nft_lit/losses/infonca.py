@@ -8,7 +8,15 @@ import math
 import torch
 from torch import Tensor
 
-from nft_lit.losses.base import Aggregation, LossBatch, LossOutput, PolicyLoss, _ratio_metrics, _reductions, aggregate
+from nft_lit.losses.base import (
+    Aggregation,
+    LossBatch,
+    LossOutput,
+    PolicyLoss,
+    aggregate,
+    metric_reductions,
+    ratio_metrics,
+)
 
 
 class InfoNCALoss(PolicyLoss):
@@ -70,6 +78,6 @@ class InfoNCALoss(PolicyLoss):
                 "loss/infonca": nca.detach(),
                 "loss/sft_nll": sft.detach(),
                 "ratio/seq_log_ratio_mean": seq_log_ratio.detach().mean(),
-                **_ratio_metrics(log_ratio.exp(), batch.response_mask.bool()),
+                **ratio_metrics(log_ratio.exp(), batch.response_mask.bool()),
             }
-        return LossOutput(loss, metrics, _reductions(metrics))
+        return LossOutput(loss, metrics, metric_reductions(metrics))

@@ -18,10 +18,10 @@ from nft_lit.losses.base import (
     LossBatch,
     LossOutput,
     PolicyLoss,
-    _masked_frac,
-    _ratio_metrics,
-    _reductions,
     aggregate_rows,
+    masked_fraction,
+    metric_reductions,
+    ratio_metrics,
 )
 
 Omega = Literal["uniform", "dr_grpo", "grpo"]
@@ -187,13 +187,13 @@ class NFTLoss(PolicyLoss):
             metrics = {
                 "loss/positive": pos_part,
                 "loss/negative": loss.detach() - pos_part,
-                **_ratio_metrics(ratio, mask),
-                "clip/neg_eps_frac": _masked_frac(neg_ratio < self.epsilon, mask & ~positive),
-                "clip/log_ratio_cap_frac": _masked_frac(raw_log_ratio > self.log_ratio_cap, mask),
+                **ratio_metrics(ratio, mask),
+                "clip/neg_eps_frac": masked_fraction(neg_ratio < self.epsilon, mask & ~positive),
+                "clip/log_ratio_cap_frac": masked_fraction(raw_log_ratio > self.log_ratio_cap, mask),
             }
             if self.positive_ratio_floor > 0:
-                metrics["clip/pos_floor_frac"] = _masked_frac(ratio < self.positive_ratio_floor, mask & positive)
-        return LossOutput(loss, metrics, _reductions(metrics))
+                metrics["clip/pos_floor_frac"] = masked_fraction(ratio < self.positive_ratio_floor, mask & positive)
+        return LossOutput(loss, metrics, metric_reductions(metrics))
 
     def prompt_weight(self, r_hat: Tensor) -> Tensor:
         return omega_weight(r_hat, self.omega)
