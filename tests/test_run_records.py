@@ -50,6 +50,8 @@ def test_config_changes_allow_cadence_refuse_the_rest_and_name_what_state_overri
     assert changes.allowed == ["eval.every_n_iterations: 2 -> 4", "iterations: 4 -> 8"]
     assert changes.from_state == ["module.lr: 0.0001 -> 0.01"]
     assert changes.experiment == ["module.grad_clip: 1.0 -> 0.5"]
+    newer = config_changes(saved, {**saved, "trainer": {"num_nodes": 1}})  # an option added after the checkpoint
+    assert newer.allowed == ["trainer.num_nodes: None -> 1"] and not newer.experiment
 
 
 @pytest.mark.slow

@@ -319,7 +319,9 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> ConfigChanges:
         if before.get(key) == after.get(key) or key in ("ckpt_path", "resume_force"):  # the resume's own options
             continue
         line = f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
-        if _matches(key, RESUME_MAY_CHANGE):
+        # an option newer than the checkpoint (absent from its config) is noted, not refused: the checkpoint could
+        # not have set it, so older runs stay resumable
+        if _matches(key, RESUME_MAY_CHANGE) or key not in before:
             changes.allowed.append(line)
         elif _matches(key, RESUME_FROM_STATE):
             changes.from_state.append(line)
