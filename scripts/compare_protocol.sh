@@ -24,6 +24,10 @@ cd "$(dirname "$0")/.."
 # not inherited, so every run of the protocol rounds the same way whatever the caller's environment.
 export OMP_NUM_THREADS=1 MKL_CBWR=AVX2,STRICT ATEN_CPU_CAPABILITY=avx2
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# This checkout's code, not the src/ the shared .venv was installed from (editable): a clone pinned at a commit and
+# sharing another checkout's .venv would otherwise import that checkout's working tree, and runs.csv would name the
+# wrong commit.
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 JOBS=${JOBS:-1}
 ITERATIONS=${ITERATIONS:-200}
