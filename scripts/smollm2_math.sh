@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The SmolLM2 section of docs/RESULTS.md end to end: SmolLM2-135M-Instruct learning word problems through vLLM
-# rollouts, math-verify and the chat template (experiment=smollm2_math). Not part of CI: 32-41 min per run, two
-# runs side by side on 2 cores.
-#   bash scripts/smollm2_math.sh                 # NFT and RFT, seeds 0 and 1, two runs at a time
-#   ALGORITHMS="nft rft grpo" SEEDS="0 1 2" PARALLEL=1 bash scripts/smollm2_math.sh [extra Hydra overrides]
+# The SmolLM2 sections of docs/RESULTS.md end to end: SmolLM2-135M-Instruct learning word problems through vLLM
+# rollouts, math-verify and the chat template (experiment=smollm2_math). Not part of CI: ~80 s per iteration with
+# one thread per run (docs/RESULTS.md has the profile).
+#   bash scripts/smollm2_math.sh                 # NFT and RFT, seeds 0 and 1, two runs at a time (20 iterations)
+#   ARMS="nft rft nft_no_neg" SEEDS="0 1 2" PARALLEL=1 OUT=outputs/smollm2_compare \
+#       RESULTS=docs/results/smollm2_compare bash scripts/smollm2_math.sh iterations=30 eval.every_n_iterations=15
+#                                                # the comparison of RESULTS.md (held-out at 0, 15 and 30)
 #   SCREEN=1 bash scripts/smollm2_math.sh        # train on a fresh in-band screen instead of the committed one
-# The runs train on the committed selection data/selections/smollm2_words/ (the in-band screen of docs/RESULTS.md),
-# so every machine trains on the same questions; SCREEN=1 screens into .cache/nft-lit/band/words (once: delete
-# the folder to screen again) and trains on that. Each run lives in outputs/smollm2_math/<algorithm>_s<seed>/ and
-# resumes from its last checkpoint if stopped; a finished run (marked by this script with a FINISHED file) is
-# skipped. The table and PNGs go to docs/results/smollm2_math/.
+# An arm is an algorithm config name (nft, rft, grpo, ...) or nft_no_neg: NFT with the negative term off
+# (lambda = 0, algorithm.loss.neg_weight=0) at NFT's omega, which isolates what the negatives add.
+# Arguments after the knobs are Hydra overrides for every run. The runs train on the committed selection
+# data/selections/smollm2_words/ (the in-band screen of docs/RESULTS.md), so every machine trains on the same
+# questions; SCREEN=1 screens into .cache/nft-lit/band/words (once: delete the folder to screen again) and trains
+# on that. Each run lives in $OUT/<arm>_s<seed>/ (default outputs/smollm2_math) and resumes from its last checkpoint
+# if stopped; a finished run (marked by this script with a FINISHED file) is skipped. The table and PNGs go to
+# $RESULTS (default docs/results/smollm2_math).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -20,7 +25,9 @@ export VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} VL
 # own CPU kernels on AVX2 (they round differently on AVX-512 machines). vLLM's own CPU kernels are not pinned.
 export MKL_CBWR=${MKL_CBWR:-AVX2,STRICT} ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-out=outputs/smollm2_math
+# This checkout's code, not the src/ that a shared (editable) .venv was installed from.
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+out=${OUT:-outputs/smollm2_math}
 selection=data/selections/smollm2_words
 [ -d "$HOME/.cache/nft-lit/smollm2-135m-instruct" ] || .venv/bin/nft-lit convert-smollm2
 if [ "${SCREEN:-0}" = 1 ]; then
@@ -33,21 +40,31 @@ fi
 # call, 29 x 4 held-out) instead of the model's 8192-token context, whose KV cache takes half the RAM per run.
 engine=(rollout.max_model_len=512 rollout.max_num_seqs=128)
 
-run() {  # algorithm seed [overrides...]
-    local dir="$out/$1_s$2" resume=()
+arm_overrides() {  # arm -> its Hydra overrides
+    case $1 in
+        nft_no_neg) echo "algorithm=nft algorithm.loss.neg_weight=0" ;;
+        *) echo "algorithm=$1" ;;
+    esac
+}
+
+run() {  # arm seed [overrides...]
+    local dir="$out/$1_s$2" resume=() arm
     if [ -f "$dir/FINISHED" ]; then echo "$dir: finished, skipped"; return; fi
     [ -f "$dir/checkpoints/last.ckpt" ] && resume=(ckpt_path=last)
     mkdir -p "$dir"
-    .venv/bin/nft-lit fit experiment=smollm2_math "algorithm=$1" "seed=$2" "data.selection=$selection" \
+    read -r -a arm <<<"$(arm_overrides "$1")"
+    echo "$dir: start $(date -u +%FT%TZ), commit $(git rev-parse HEAD 2>/dev/null || echo unknown)" \
+        "($(git status --short -- src configs 2>/dev/null | wc -l) files differ under src/ configs/)"
+    .venv/bin/nft-lit fit experiment=smollm2_math "${arm[@]}" "seed=$2" "data.selection=$selection" \
         "hydra.run.dir=$dir" "${engine[@]}" "${resume[@]}" "${@:3}" >>"$dir/fit.log" 2>&1 \
-        && { date -u >"$dir/FINISHED"; echo "$dir: done"; } || echo "$dir: FAILED (see $dir/fit.log)"
+        && { date -u >"$dir/FINISHED"; echo "$dir: done $(date -u +%FT%TZ)"; } || echo "$dir: FAILED (see $dir/fit.log)"
 }
 
 jobs=()
-for seed in ${SEEDS:-0 1}; do for algorithm in ${ALGORITHMS:-nft rft}; do jobs+=("$algorithm $seed"); done; done
+for seed in ${SEEDS:-0 1}; do for arm in ${ARMS:-nft rft}; do jobs+=("$arm $seed"); done; done
 for job in "${jobs[@]}"; do
     while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-2}" ]; do wait -n; done
     run $job "$@" &
 done
 wait
-.venv/bin/nft-lit report $out/*_s* --out docs/results/smollm2_math
+.venv/bin/nft-lit report "$out"/*_s* --out "${RESULTS:-docs/results/smollm2_math}"
