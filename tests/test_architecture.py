@@ -44,6 +44,7 @@ LAYERS = {
         "lightning_cli",
         "launch",
         "runs",
+        "provenance",
         "report",
         "report_stats",
         "verify",

@@ -167,6 +167,7 @@ def run_fit(cfg: Any) -> dict[str, float]:
     from omegaconf import OmegaConf
 
     from nft_lit.launch import Preempted, preempted_message
+    from nft_lit.provenance import describe, record_launch
     from nft_lit.runs import RunLock, resume_point
 
     quiet_lightning()
@@ -179,6 +180,8 @@ def run_fit(cfg: Any) -> dict[str, float]:
         resume = resume_point(cfg.get("ckpt_path"), cfg.run_dir, module.run_config, bool(cfg.get("resume_force")))
         _say_resume(resume)
         _save_run_config(cfg)
+        if _is_rank_zero():  # which code and numeric pins this launch ran on, one line per launch
+            log.info(describe(record_launch(cfg.run_dir, resume.global_step if resume else None)))
         trainer = compose.build_trainer(cfg, evaluation, resume=resume, datamodule=datamodule)
         for logger in trainer.loggers:  # the resolved config, searchable in TensorBoard's HPARAMS tab
             logger.log_hyperparams(module.run_config)
