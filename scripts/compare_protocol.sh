@@ -4,7 +4,8 @@
 #     VALIDATION split (disjoint from the test problems and from training); per algorithm, the lr with the best
 #     mean over seeds of the validation accuracy at the last iteration is chosen (ties: the smaller lr);
 #   stage 2 (experiment=negatives_cpu): NFT lambda in {0, 0.5, 1} at omega = 1 - r_hat, lambda in {0, 1} at
-#     omega = 1, and RFT, seeds 0-4, each at its algorithm's stage-1 lr, scored on the 500 held-out TEST problems.
+#     omega = 1, and RFT, then the default NFT at epsilon 0.1 and 2.0 (paper Fig. 10; its epsilon 1 is the
+#     lambda 1 arm), seeds 0-4, each at its algorithm's stage-1 lr, scored on the 500 held-out TEST problems.
 #   bash scripts/compare_protocol.sh                      # one run at a time
 #   JOBS=2 nohup nice -n 19 bash scripts/compare_protocol.sh > /tmp/compare_protocol.log 2>&1 &
 # Runs live in multirun/<stage>/<override_dirname>/ (the folders `nft-lit fit -m experiment=<stage>` makes); a
@@ -192,11 +193,13 @@ stage2=negatives_cpu
 # Arm by arm, the isolating pair first (lambda 1 vs 0 at the same omega = 1 - r_hat), so that a cut-short protocol
 # still has whole seed sets for the comparisons that matter most.
 stage_runs $stage2 < <(
-    for arm in "dr_grpo 1" "dr_grpo 0" "rft" "dr_grpo 0.5" "uniform 1" "uniform 0"; do
+    for arm in "dr_grpo 1" "dr_grpo 0" "rft" "dr_grpo 0.5" "uniform 1" "uniform 0" "eps 0.1" "eps 2.0"; do
         read -r omega lambda <<<"$arm"
         for seed in $SEEDS2; do
             if [[ $omega == rft ]]; then
                 echo "algorithm=rft module.lr=$lr_rft seed=$seed"
+            elif [[ $omega == eps ]]; then  # Fig. 10: the default NFT (lambda 1, omega 1 - r_hat) at another epsilon
+                echo "algorithm=nft algorithm.loss.epsilon=$lambda module.lr=$lr_nft seed=$seed"
             else
                 echo "algorithm=nft algorithm.loss.omega=$omega algorithm.loss.neg_weight=$lambda module.lr=$lr_nft seed=$seed"
             fi
