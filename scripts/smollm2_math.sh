@@ -53,8 +53,7 @@ run() {  # arm seed [overrides...]
     [ -f "$dir/checkpoints/last.ckpt" ] && resume=(ckpt_path=last)
     mkdir -p "$dir"
     read -r -a arm <<<"$(arm_overrides "$1")"
-    echo "$dir: start $(date -u +%FT%TZ), commit $(git rev-parse HEAD 2>/dev/null || echo unknown)" \
-        "($(git status --short -- src configs 2>/dev/null | wc -l) files differ under src/ configs/)"
+    echo "$dir: start $(date -u +%FT%TZ)"  # the code it ran: $dir/provenance.jsonl (one line per launch)
     .venv/bin/nft-lit fit experiment=smollm2_math "${arm[@]}" "seed=$2" "data.selection=$selection" \
         "hydra.run.dir=$dir" "${engine[@]}" "${resume[@]}" "${@:3}" >>"$dir/fit.log" 2>&1 \
         && { date -u >"$dir/FINISHED"; echo "$dir: done $(date -u +%FT%TZ)"; } || echo "$dir: FAILED (see $dir/fit.log)"
