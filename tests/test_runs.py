@@ -13,6 +13,7 @@ import pytest
 import torch
 from _rollout_fakes import PARITY_OVERRIDES
 
+from nft_lit.cli import main
 from nft_lit.launch import hydra_arguments
 from nft_lit.runs import RunError, RunLock, config_changes, resolve_checkpoint
 
@@ -123,7 +124,14 @@ def test_checkpoint_paths_with_equals_signs_reach_hydra_quoted():
     quoted = hydra_arguments(["ckpt_path=d/epoch=2-step=6.ckpt", "seed=1"], "fit")
     assert quoted == ["ckpt_path='d/epoch=2-step=6.ckpt'", "seed=1"]
     kept = hydra_arguments(["ckpt_path=last", "+ckpt_path='a=b'"], "validate")
-    assert kept == ["ckpt_path=last", "+ckpt_path='a=b'", "hydra.job.name=validate"]
+    assert kept == ["hydra.job.name=validate", "ckpt_path=last", "+ckpt_path='a=b'"]
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_cfg_job_may_end_the_command_line(command, capsys):
+    # The help shows `[KEY=VALUE ...] [-m] [--cfg job]`: the overrides the CLI adds must not follow the flag.
+    assert main([command, "experiment=smoke", "seed=3", "--cfg", "job"]) == 0
+    assert "seed: 3" in capsys.readouterr().out
 
 
 def test_run_lock_refuses_a_live_holder_and_clears_a_stale_one(tmp_path):

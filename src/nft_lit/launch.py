@@ -184,13 +184,15 @@ def hydra_arguments(argv: list[str], command: str) -> list[str]:
     """``argv`` as Hydra must see it for ``command``: checkpoint paths quoted (Lightning names them
     ``epoch=3-step=9.ckpt``; Hydra would read the '=' as a second assignment), this process's own log file
     (``launch_overrides``), and for ``validate`` / ``export`` a log of their own (``validate.log``), never the
-    ``cli.log`` of a fit run whose folder they are pointed at."""
+    ``cli.log`` of a fit run whose folder they are pointed at. The added overrides go first: Hydra's flags
+    (``--cfg job``) may end the command line, and argparse takes no overrides after them."""
+    added = launch_overrides(argv)
+    if command != "fit" and not any(a.startswith("hydra.job.name=") for a in argv):
+        added.insert(0, f"hydra.job.name={command}")
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key.lstrip("+~") == "ckpt_path" and "=" in value and value[:1] not in "'\"":
             arg = f"{key}='{value}'"
         out.append(arg)
-    if command != "fit" and not any(a.startswith("hydra.job.name=") for a in argv):
-        out.append(f"hydra.job.name={command}")
-    return [*out, *launch_overrides(argv)]
+    return [*added, *out]
