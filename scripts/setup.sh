@@ -20,7 +20,7 @@ fi
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 # A venv shared with another checkout (a symlinked .venv) has its editable install pointing there: installing this
 # checkout would silently switch the code that checkout's runs import. Refuse; a venv of its own is one variable away.
-served=$(cd / && env -u PYTHONPATH "$VENV/bin/python" -c 'import nft_lit, pathlib; print(pathlib.Path(nft_lit.__file__).resolve().parents[2])' 2>/dev/null || true)
+served=$("$VENV/bin/python" -I -c 'import nft_lit, pathlib; print(pathlib.Path(nft_lit.__file__).resolve().parents[2])' 2>/dev/null || true)
 if [[ -n "$served" && -d "$served/src/nft_lit" && "$served" != "$(pwd -P)" ]]; then
   echo "setup: $VENV is the venv of the checkout $served (its editable install of nft_lit); installing $(pwd -P) into it" \
     "would change the code that checkout imports. Give this checkout a venv of its own (NFT_VENV=DIR bash scripts/setup.sh," \
