@@ -13,6 +13,7 @@ import pytest
 import torch
 from test_runs import SMOKE, _csv_epochs, _env
 
+from nft_lit import launch
 from nft_lit.launch import launch_overrides, process_tag, resume_command
 from nft_lit.runs import read_checkpoint, resolve_checkpoint
 
@@ -189,3 +190,15 @@ def test_fsdp2_with_one_vllm_engine_per_rank_keeps_the_gap_at_float_precision(tm
     assert gaps and max(gaps) < 1e-5, gaps
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 2
     assert os.path.isdir(run / "engine_init")  # the random-init policy's folder the engines started from
+
+
+def test_rank_zero_says_why_and_the_other_ranks_wait_before_failing(monkeypatch, capsys):
+    # torchrun stops every process once one has exited: a rank > 0 that exits at once can stop rank 0 mid-sentence
+    waited = []
+    monkeypatch.setattr(launch.time, "sleep", waited.append)
+    monkeypatch.setenv("RANK", "1")
+    launch.say_once("nft-lit fit: bad input")
+    assert capsys.readouterr().err == "" and waited == [launch.FAILURE_GRACE_S]
+    monkeypatch.setenv("RANK", "0")
+    launch.say_once("nft-lit fit: bad input")
+    assert capsys.readouterr().err == "nft-lit fit: bad input\n" and waited == [launch.FAILURE_GRACE_S]

@@ -86,7 +86,7 @@ def _run_hydra(argv: list[str], task: Any, command: str) -> int:
     """
     import hydra
 
-    from nft_lit.launch import PREEMPTED_EXIT, LaunchError, Preempted, check_command_line, hydra_arguments
+    from nft_lit import launch
     from nft_lit.models import ModelFolderError
     from nft_lit.prompts import PromptEncodingError
     from nft_lit.runs import RunError, RunLock
@@ -94,19 +94,18 @@ def _run_hydra(argv: list[str], task: Any, command: str) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(_HELP.format(command=command, extra=_HELP_EXTRA[command]))
         return 0
-    real_argv, bad_input = sys.argv, (ConfigError, LaunchError, RunError, ModelFolderError, PromptEncodingError)
+    real_argv, bad_input = sys.argv, (ConfigError, launch.LaunchError, RunError, ModelFolderError, PromptEncodingError)
 
     def say(message: str, status: int) -> int:
-        if _is_rank_zero():  # every rank fails the same way: one line, not one per rank
-            print(f"nft-lit {command}: {message}", file=sys.stderr)
+        launch.say_once(f"nft-lit {command}: {message}")  # every rank fails the same way: one line, not one per rank
         return status
 
     try:
-        check_command_line(argv, compose.train_config_keys())
+        launch.check_command_line(argv, compose.train_config_keys())
         if command == "fit" and _is_rank_zero():  # before Hydra opens the folder's log; ranks > 0 join rank 0
             RunLock.check_free(next((a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")), None))
-        argv = hydra_arguments(argv, command)
-    except (LaunchError, RunError) as e:
+        argv = launch.hydra_arguments(argv, command)
+    except (launch.LaunchError, RunError) as e:
         return say(str(e), 2)
 
     @hydra.main(config_path=str(compose.CONFIG_DIR), config_name="train", version_base=None)
@@ -114,8 +113,8 @@ def _run_hydra(argv: list[str], task: Any, command: str) -> int:
         sys.argv = real_argv
         try:
             return task(cfg)
-        except Preempted as e:
-            sys.exit(say(str(e), PREEMPTED_EXIT))
+        except launch.Preempted as e:
+            sys.exit(say(str(e), launch.PREEMPTED_EXIT))
         except bad_input as e:  # bad input, named: no traceback
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise

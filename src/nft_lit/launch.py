@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,20 @@ def process_tag() -> str:
             return "" if os.environ[var] == "0" else f"rank{os.environ[var]}"
     local, node = os.environ.get("LOCAL_RANK", "0"), os.environ.get("NODE_RANK", "0")
     return "" if local == node == "0" else f"node{node}.local{local}"
+
+
+FAILURE_GRACE_S = 2.0
+"""How long a process other than rank 0 waits before exiting on an error that every rank hits the same way."""
+
+
+def say_once(line: str) -> None:
+    """Print why the launch failed, once for all ranks: rank 0 says it, the others only wait ``FAILURE_GRACE_S``
+    before they exit, since torchrun/srun stop every process as soon as one has failed and would otherwise stop
+    rank 0 before it has said anything."""
+    if process_tag():
+        time.sleep(FAILURE_GRACE_S)
+    else:
+        print(line, file=sys.stderr)
 
 
 def launch_overrides(argv: list[str]) -> list[str]:
