@@ -4,16 +4,17 @@
 # each run's final policy scored on a VALIDATION set: 64 questions of the word-problem generator's held-out split,
 # which no run trains on and which the comparison's held-out score (the selection's held-out part, drawn from the
 # generator's train split) never contains. Per arm, the lr with the best validation avg@4 is chosen (ties: the
-# smaller lr); the table goes to $RESULTS/selection.md and selection.csv.
-#   bash scripts/smollm2_pilot.sh                          # nft, rft, nft_no_neg at lr 5e-6 and 1e-5, one at a time
-#   PARALLEL=2 LRS="5e-6 1e-5" ARMS="nft rft" bash scripts/smollm2_pilot.sh
+# smaller lr); the table goes to $RESULTS/selection.md and selection.csv. The algorithms are piloted, not the arms:
+# NFT without negatives (nft_no_neg) runs at NFT's lr, as the demo protocol's lambda arms run at NFT's stage-1 lr.
+#   bash scripts/smollm2_pilot.sh                          # nft and rft at lr 5e-6 and 1e-5, one run at a time
+#   PARALLEL=2 LRS="2e-6 5e-6 1e-5" ARMS="nft rft grpo" bash scripts/smollm2_pilot.sh
 # Runs live in $OUT/lr<lr>/<arm>_s0/ (default outputs/smollm2_pilot); finished runs and scored runs are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-outputs/smollm2_pilot}
 results=${RESULTS:-docs/results/smollm2_pilot}
 lrs=${LRS:-5e-6 1e-5}
-arms=${ARMS:-nft rft nft_no_neg}
+arms=${ARMS:-nft rft}
 validation='+eval.heldout={_target_:nft_lit.word_problems.word_problems,split:heldout,size:64,seed:0,operations:["+","-"],max_operand:10,heldout_fraction:0.1}'
 
 for lr in $lrs; do  # one lr after the other; PARALLEL runs of one lr side by side
